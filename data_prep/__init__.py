@@ -1,0 +1,1 @@
+"""Corpora -> tokenizer -> memory-mapped token shards. Never imports `trainer`."""

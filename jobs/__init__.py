@@ -1,0 +1,1 @@
+"""Command-line entry points: Hydra configs in, `trainer` / `data_prep` runs out."""

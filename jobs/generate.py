@@ -1,0 +1,99 @@
+"""`dlt-generate`: sample text from a checkpoint (a run directory or one checkpoint folder)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_prep.tokenizers import get_tokenizer
+from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, wants_help
+from trainer.config import ConfigError, describe_omegaconf_error
+from trainer.generate import generate, load_model
+from trainer.train import pick_device
+
+USAGE = 'checkpoint=PATH prompt="..." max_new_tokens=N temperature=T top_k=K top_p=P seed=S'
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str
+    prompt: str = "Once upon a time,"
+    max_new_tokens: int = 50
+    temperature: float = 0.8
+    top_k: int = 200
+    top_p: float = 1.0
+    seed: int = 1337
+    num_samples: int = 1
+    tokenizer: str | None = None
+    device: str = "auto"
+    use_cache: bool = True
+
+
+def check(cfg: GenerateConfig) -> None:
+    if cfg.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 0")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
+    if cfg.top_k < 0:
+        raise ConfigError(f"top_k={cfg.top_k}: must be >= 0 (0 = off)")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"top_p={cfg.top_p}: must be in (0, 1]")
+    if cfg.num_samples < 1:
+        raise ConfigError(f"num_samples={cfg.num_samples}: must be >= 1")
+
+
+def parse(argv: list[str]) -> GenerateConfig:
+    composed = to_plain(compose_config("generate", argv))
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), composed))
+    except OmegaConfBaseException as err:
+        raise ConfigError(describe_omegaconf_error(err)) from None
+    check(cfg)
+    return cfg
+
+
+def sample_texts(cfg: GenerateConfig) -> list[str]:
+    """The generated texts (prompt included), one per sample."""
+    device = pick_device(cfg.device)
+    model, state = load_model(cfg.checkpoint, device)
+    tokenizer = get_tokenizer(cfg.tokenizer or state["config"]["data"]["tokenizer"])
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer={tokenizer.name} has {tokenizer.vocab_size} ids but the model only "
+            f"{model.cfg.vocab_size}"
+        )
+    ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
+    prompt = torch.tensor([ids] * cfg.num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = generate(
+        model,
+        prompt,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        generator=generator,
+        use_cache=cfg.use_cache,
+    )
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print_help("dlt-generate", "generate", USAGE)
+        return
+    with errors_as_one_line("dlt-generate"):
+        texts = sample_texts(parse(argv))
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()

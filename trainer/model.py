@@ -1,0 +1,183 @@
+"""GPT-2, read top to bottom.
+
+It computes exactly what Hugging Face `transformers`' `GPT2LMHeadModel` computes (learned
+positions, pre-LayerNorm blocks, tanh-GELU MLP, tied token embedding / unembedding) with one
+layout change that later parallelism needs: query, key and value are three `nn.Linear`s instead
+of one fused `c_attn`, so tensor parallelism can split each of them by heads.
+`trainer/hf.py` converts weights to and from Hugging Face's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trainer.config import ModelConfig
+
+try:  # flash-attn is an optional extra (CUDA only)
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of the tokens seen so far, for one block (used when generating)."""
+
+    k: torch.Tensor | None = None  # (B, n_head, T_seen, head_dim)
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+
+def new_kv_cache(cfg: ModelConfig) -> list[LayerCache]:
+    return [LayerCache() for _ in range(cfg.n_layer)]
+
+
+def use_flash_attention(cfg: ModelConfig, x: torch.Tensor) -> bool:
+    if cfg.attention == "sdpa":
+        return False
+    available = (
+        flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    )
+    if cfg.attention == "flash" and not available:
+        raise RuntimeError(
+            "model.attention=flash needs the flash-attn package, a CUDA device and bf16/fp16"
+        )
+    return available
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # view(B, T, -1, head_dim): under tensor parallelism each rank holds only its heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        dropout_p = self.cfg.dropout if self.training else 0.0
+        if cache is None and use_flash_attention(self.cfg, x):
+            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # (B, T, H, D)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+            if cache is not None:
+                if cache.k is not None:
+                    if T != 1:
+                        raise ValueError("after the prompt, a KV cache takes one token at a time")
+                    k = torch.cat([cache.k, k], dim=2)
+                    v = torch.cat([cache.v, v], dim=2)
+                cache.k, cache.v = k, v
+            # With no past tokens, mask the future; one new token may see everything cached.
+            is_causal = k.size(2) == T
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+            y = y.transpose(1, 2)
+        y = y.reshape(B, T, -1)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        # Recompute each block's activations in the backward pass instead of storing them.
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2*n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); without position embeddings by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: list[LayerCache] | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or the mean cross-entropy loss when `targets` are given.
+
+        Targets equal to -100 are ignored. With `kv_cache`, `idx` continues the cached tokens.
+        """
+        start = kv_cache[0].length if kv_cache else 0
+        T = idx.size(1)
+        if start + T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, kv_cache[i] if kv_cache else None)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus attention's 12*L*d*T (PaLM, App. B)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size

@@ -1,0 +1,205 @@
+"""The training loop: `run(cfg)`.
+
+One optimizer step = `grad_accum` micro-batches, forward and backward each, gradients summed;
+then clipping, the optimizer step and the learning rate for the next step. Around it: resume
+from the newest complete checkpoint, periodic validation, logging and checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from trainer import checkpoint
+from trainer.config import Config, ConfigError, load_config, to_dict
+from trainer.data import BatchLoader, build_source
+from trainer.hf import load_hf
+from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
+from trainer.model import GPT, flops_per_token
+from trainer.optim import build_optimizer, lr_at
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int  # optimizer steps completed
+    resumed_from: Path | None
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
+    last_checkpoint: Path | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 compute with fp32 master weights; fp32 runs without autocast."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.precision])
+
+
+def build_model(cfg: Config, device: torch.device) -> GPT:
+    torch.manual_seed(cfg.train.seed)
+    model = load_hf(cfg.model.init_from, cfg.model) if cfg.model.init_from else GPT(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    return model.to(device)
+
+
+def find_resume_point(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, per `resume=auto|none|PATH`."""
+    if cfg.resume == "none":
+        if checkpoint.latest(cfg.run.dir) is not None:
+            raise ConfigError(
+                f"resume=none but run.dir={cfg.run.dir} already holds checkpoints: "
+                "use resume=auto to continue it, or another run.dir"
+            )
+        return None
+    if cfg.resume == "auto":
+        return checkpoint.latest(cfg.run.dir)
+    return checkpoint.resolve(cfg.resume)
+
+
+def check_same_model(cfg: Config, saved: dict[str, Any], path: Path) -> None:
+    saved_model = saved["config"]["model"]
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if saved_model[key] != getattr(cfg.model, key):
+            raise ConfigError(
+                f"model.{key}={getattr(cfg.model, key)} but checkpoint {path} has "
+                f"{saved_model[key]}: resume with the same model"
+            )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> float:
+    """Mean loss over the first `eval.steps` validation batches (the same ones every time)."""
+    loader = BatchLoader(build_source(cfg, "val"), cfg.train.micro_batch_size)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(cfg.eval.steps):
+        x, y = (t.to(device) for t in loader.next_batch())
+        with autocast(cfg, device):
+            total += model(x, y).item()
+    model.train(was_training)
+    return total / cfg.eval.steps
+
+
+def run(cfg: Config | Mapping[str, Any]) -> RunResult:
+    """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened."""
+    cfg = load_config(cfg, world_size=1)
+    device = pick_device(cfg.device)
+    run_dir = Path(cfg.run.dir)
+    resume_from = find_resume_point(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
+
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, cfg.train, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    loader = BatchLoader(build_source(cfg, "train"), cfg.train.micro_batch_size)
+
+    step = 0
+    elapsed_before = 0.0
+    if resume_from is not None:
+        saved = checkpoint.read_trainer_state(resume_from)
+        check_same_model(cfg, saved, resume_from)
+        saved = checkpoint.load(resume_from, model, optimizer)
+        step = saved["step"]
+        loader.load_state_dict(saved["data"])
+        scaler.load_state_dict(saved.get("grad_scaler", {}))
+        elapsed_before = saved.get("elapsed_s", 0.0)
+
+    t = cfg.train
+    log = MetricsLogger(run_dir, t.max_steps, step, enabled=True, progress=cfg.log.progress)
+    n_params = model.num_params()
+    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.model.block_size
+    peak = peak_tflops(device, cfg.log.peak_tflops)
+    log.print(
+        f"run {run_dir} | model {n_params / 1e6:.2f}M params | device {device} | "
+        f"precision {cfg.precision} | {tokens_per_step:,} tokens/step | "
+        + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start")
+    )
+    train_model = torch.compile(model) if t.compile else model
+    result = RunResult(run_dir, step, resume_from)
+
+    def save() -> None:
+        state = {
+            "step": step,
+            "data": loader.state_dict(),
+            "grad_scaler": scaler.state_dict(),
+            "elapsed_s": elapsed_before + time.perf_counter() - start_time,
+            "config": to_dict(cfg),
+            "torch_version": torch.__version__,
+        }
+        result.last_checkpoint = checkpoint.save(
+            run_dir, step, model, optimizer, state, keep=cfg.checkpoint.keep
+        )
+        log.print(f"checkpoint saved: {result.last_checkpoint}")
+
+    model.train()
+    start_time = window_start = time.perf_counter()
+    window_steps = 0
+    while step < t.max_steps:
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(t.grad_accum):
+            x, y = (b.to(device, non_blocking=True) for b in loader.next_batch())
+            with autocast(cfg, device):
+                loss = train_model(x, y) / t.grad_accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        log.advance()
+
+        last = step == t.max_steps
+        eval_due = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
+        if step % cfg.log.interval == 0 or last or eval_due:
+            loss_value = loss_sum.item()  # syncs with the device, so timing below is honest
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * window_steps / (now - window_start)
+            flops = flops_per_token(cfg.model, n_params) * tokens_per_s
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops / (peak * 1e12) if peak else None,
+                "memory_gib": peak_memory_gib(device),
+                "tokens": step * tokens_per_step,
+                "elapsed_s": elapsed_before + now - start_time,
+            }
+            result.losses[step] = loss_value
+            if eval_due:
+                record["val_loss"] = evaluate(model, cfg, device)
+                record["val_ppl"] = perplexity(record["val_loss"])
+            log.log(record)
+            window_start, window_steps = time.perf_counter(), 0
+        if last or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+            save()
+    result.step = step
+    log.close()
+    return result
