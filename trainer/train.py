@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,14 @@ def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> float
     return total / cfg.eval.steps
 
 
-def run(cfg: Config | Mapping[str, Any]) -> RunResult:
-    """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened."""
+def run(
+    cfg: Config | Mapping[str, Any], stop_requested: Callable[[int], bool] | None = None
+) -> RunResult:
+    """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened.
+
+    `stop_requested(step)` is asked after every optimizer step; when it returns True the run
+    saves a checkpoint and returns early (this is how preemption stops a run).
+    """
     cfg = load_config(cfg, world_size=1)
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run.dir)
@@ -198,8 +204,12 @@ def run(cfg: Config | Mapping[str, Any]) -> RunResult:
                 record["val_ppl"] = perplexity(record["val_loss"])
             log.log(record)
             window_start, window_steps = time.perf_counter(), 0
-        if last or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+        stop = stop_requested is not None and stop_requested(step)
+        if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             save()
+        if stop:
+            log.print(f"stopping early at step {step} (requested)")
+            break
     result.step = step
     log.close()
     return result

@@ -1,0 +1,44 @@
+"""Shared test helpers: tiny configs that train in a fraction of a second on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Nothing in the tests may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def tiny_config(run_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A 2-layer, 32-wide model on dummy data; `sections` update the defaults per section."""
+    cfg: dict[str, Any] = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "train": {"max_steps": 6, "micro_batch_size": 2, "warmup_steps": 2, "lr": 1e-3},
+        "eval": {"interval": 0},
+        "log": {"interval": 1, "progress": False},
+        "checkpoint": {"interval": 0, "keep": 3},
+        "run": {"dir": str(run_dir)},
+        "device": "cpu",
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    """Factory: `tiny(name, **sections)` -> a config dict whose run dir is under tmp_path."""
+
+    def make(name: str = "run", **sections: dict[str, Any]) -> dict[str, Any]:
+        return tiny_config(tmp_path / name, **sections)
+
+    return make
