@@ -168,6 +168,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_config(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Also derives `train.grad_accum` from `train.global_batch_size`."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
+    _positive(cfg, "data.vocab_size")  # first: the tiny model's vocabulary derives from it
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
     _positive(cfg, "model.vocab_size", "train.micro_batch_size", "train.grad_accum")
     _positive(cfg, "train.max_steps", "train.lr", "checkpoint.keep", "log.interval")
@@ -176,7 +177,6 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
         m.n_embd % m.n_head == 0,
         f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",
     )
-    _positive(cfg, "data.vocab_size")
     _require(
         m.vocab_size >= cfg.data.vocab_size,
         f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size} "

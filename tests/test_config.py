@@ -1,0 +1,106 @@
+"""Bad configuration is one clear line naming the key, before any work starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import compose_config, to_plain
+from jobs.train import main as train_main
+from trainer.config import ConfigError, load_config
+
+
+def compose_train(*overrides: str):
+    return load_config(to_plain(compose_config("train", list(overrides)), drop=("cluster",)))
+
+
+def test_presets_compose_to_the_documented_shapes():
+    small = compose_train("model=gpt2_small").model
+    assert (small.n_layer, small.n_head, small.n_embd, small.block_size, small.vocab_size) == (
+        12, 12, 768, 1024, 50257,
+    )
+    medium = compose_train("model=gpt2_medium").model
+    assert (medium.n_layer, medium.n_embd, medium.n_head) == (24, 1024, 16)
+    large = compose_train("model=gpt2_large").model
+    assert (large.n_layer, large.n_embd, large.n_head) == (36, 1280, 20)
+    xl = compose_train("model=gpt2_xl").model
+    assert (xl.n_layer, xl.n_embd, xl.n_head) == (48, 1600, 25)
+    tiny = compose_train()
+    assert tiny.model.vocab_size == tiny.data.vocab_size == 257
+    assert tiny.run.dir == "runs/tiny"
+
+
+def test_global_batch_size_derives_grad_accum():
+    cfg = compose_train("train.micro_batch_size=4", "train.global_batch_size=32")
+    assert cfg.train.grad_accum == 8
+
+
+BAD = [
+    # (overrides, key the message must name)
+    (["train.lr=fast"], "train.lr"),
+    (["train.max_steps=1.5"], "train.max_steps"),
+    (["train.foo=1"], "train.foo"),
+    (["foo=1"], "foo"),
+    (["model=gpt5"], "model/gpt5"),
+    (["model.n_head=5"], "model.n_head"),
+    (["model.n_layer=0"], "model.n_layer"),
+    (["model.dropout=1.5"], "model.dropout"),
+    (["model.attention=xformers"], "model.attention"),
+    (["model.vocab_size=100"], "model.vocab_size"),
+    (["precision=fp8"], "precision"),
+    (["device=tpu"], "device"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size"),
+    (["train.grad_accum=-1"], "train.grad_accum"),
+    (["train.global_batch_size=30", "train.micro_batch_size=8"], "train.global_batch_size"),
+    (["train.min_lr=1.0"], "train.min_lr"),
+    (["train.warmup_steps=1000"], "train.warmup_steps"),
+    (["train.beta2=1.0"], "train.beta1/beta2"),
+    (["train.weight_decay=-0.1"], "train.weight_decay"),
+    (["train.grad_clip=-1"], "train.grad_clip"),
+    (["train.compile=maybe"], "train.compile"),
+    (["eval.interval=-5"], "eval.interval"),
+    (["eval.steps=0"], "eval.steps"),
+    (["checkpoint.keep=0"], "checkpoint.keep"),
+    (["checkpoint.interval=-1"], "checkpoint.interval"),
+    (["log.interval=0"], "log.interval"),
+    (["data.kind=parquet"], "data.kind"),
+    (["data.vocab_size=0"], "data.vocab_size"),
+    (["parallel.tp=2"], "parallel"),
+    (["resume=/no/such/checkpoint"], "/no/such/checkpoint"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_one_line_naming_the_key(overrides, key, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*overrides, f"run.dir={run_dir}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dlt-train: error: ")
+    assert key in err
+    assert not (run_dir / "checkpoints").exists()  # nothing was started
+
+
+def test_load_config_rejects_unknown_keys_and_types_directly():
+    with pytest.raises(ConfigError, match="model.n_embed"):
+        load_config({"model": {"n_embed": 64}})
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_config({"train": {"seed": "abc"}})
+    with pytest.raises(ConfigError, match="world size 2"):
+        load_config({}, world_size=2)
+
+
+def test_cli_error_from_a_real_process_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "model.n_head=5", f"run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dlt-train: error: model.n_head=5 must divide model.n_embd=192"
+    ]
