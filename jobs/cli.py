@@ -35,10 +35,28 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """The config `config_name` from `cluster_configs/` with command-line `overrides`."""
+def compose_config(
+    config_name: str, overrides: list[str], literal_keys: tuple[str, ...] = ()
+) -> DictConfig:
+    """The config `config_name` from `cluster_configs/` with command-line `overrides`.
+
+    Values of `literal_keys` (free text such as a prompt) are taken verbatim instead of being
+    parsed by Hydra's override grammar, where `prompt="Once upon a time,"` (after the shell
+    removed the quotes) would read as a list because of its comma.
+    """
+    literal = {}
+    hydra_overrides = []
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if sep and key in literal_keys:
+            literal[key] = value.replace("${", "\\${")  # no interpolation inside free text
+        else:
+            hydra_overrides.append(arg)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        cfg = compose(config_name=config_name, overrides=hydra_overrides)
+    for key, value in literal.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
 
 
 def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:

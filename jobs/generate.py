@@ -47,7 +47,7 @@ def check(cfg: GenerateConfig) -> None:
 
 
 def parse(argv: list[str]) -> GenerateConfig:
-    composed = to_plain(compose_config("generate", argv))
+    composed = to_plain(compose_config("generate", argv, literal_keys=("prompt",)))
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), composed))
     except OmegaConfBaseException as err:

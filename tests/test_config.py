@@ -19,7 +19,11 @@ def compose_train(*overrides: str):
 def test_presets_compose_to_the_documented_shapes():
     small = compose_train("model=gpt2_small").model
     assert (small.n_layer, small.n_head, small.n_embd, small.block_size, small.vocab_size) == (
-        12, 12, 768, 1024, 50257,
+        12,
+        12,
+        768,
+        1024,
+        50257,
     )
     medium = compose_train("model=gpt2_medium").model
     assert (medium.n_layer, medium.n_embd, medium.n_head) == (24, 1024, 16)

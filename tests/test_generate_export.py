@@ -1,0 +1,326 @@
+"""Generation (KV cache, sampling filters, parity with Hugging Face) and the export/generate CLIs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from data_prep.tokenizers import get_tokenizer
+from jobs import export as export_cli
+from jobs import generate as generate_cli
+from trainer.config import ModelConfig
+from trainer.generate import filter_logits, generate, load_model
+from trainer.hf import save_hf
+from trainer.model import GPT, new_kv_cache
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from intra-op threads; spinning threads stall a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_model(block_size: int = 16, vocab_size: int = 257, seed: int = 0) -> GPT:
+    """A small random model with peaked next-token distributions (no near-ties for argmax)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                p.normal_(std=0.3)
+    return model.eval()
+
+
+def prompt_ids(batch: int, length: int, vocab_size: int = 257, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def greedy_reference(model: GPT, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy decoding the slow, obvious way: the last block_size tokens, every step."""
+    tokens = prompt
+    for _ in range(n):
+        logits = model(tokens[:, -model.cfg.block_size :])
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+# --- KV cache -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_kv_cache_logits_equal_full_forward():
+    model = random_model(block_size=16)
+    x = prompt_ids(2, 12)
+    full = model(x)
+    cache = new_kv_cache(model.cfg)
+    steps = [model(x[:, :5], kv_cache=cache)]
+    steps += [model(x[:, t : t + 1], kv_cache=cache) for t in range(5, 12)]
+    assert cache[0].length == 12
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_kv_cache_rejects_several_new_tokens():
+    model = random_model(block_size=16)
+    cache = new_kv_cache(model.cfg)
+    model(prompt_ids(1, 4), kv_cache=cache)
+    with pytest.raises(ValueError):
+        model(prompt_ids(1, 2), kv_cache=cache)
+
+
+@pytest.mark.parametrize(
+    ("batch", "prompt_len", "new"),
+    [
+        (1, 5, 8),  # stays inside the block
+        (2, 5, 20),  # 25 tokens > block_size 16: the window slides
+        (2, 16, 4),  # the prompt fills the block exactly
+        (2, 1, 18),
+    ],
+)
+def test_greedy_with_cache_equals_without(batch, prompt_len, new):
+    model = random_model(block_size=16)
+    prompt = prompt_ids(batch, prompt_len, seed=prompt_len)
+    cached = generate(model, prompt, new, temperature=0, use_cache=True)
+    uncached = generate(model, prompt, new, temperature=0, use_cache=False)
+    assert cached.shape == (batch, prompt_len + new)
+    assert torch.equal(cached[:, :prompt_len], prompt)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(uncached, greedy_reference(model, prompt, new))
+    assert cached[:, prompt_len:].unique().numel() > 1  # the comparison is not trivial
+
+
+def test_stop_id_ends_generation():
+    model = random_model(block_size=16)
+    prompt = prompt_ids(1, 3)
+    full = generate(model, prompt, 10, temperature=0)
+    stop = int(full[0, 5])
+    first = int((full[0, 3:] == stop).nonzero()[0]) + 3
+    out = generate(model, prompt, 10, temperature=0, stop_id=stop)
+    assert torch.equal(out, full[:, : first + 1])
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = random_model(block_size=16)
+    prompt = prompt_ids(2, 4)
+
+    def sample(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 24, temperature=1.5, generator=g)
+
+    assert torch.equal(sample(3), sample(3))
+    assert not torch.equal(sample(3), sample(4))
+
+
+def test_top_k_one_is_greedy():
+    model = random_model(block_size=16)
+    prompt = prompt_ids(2, 4)
+    g = torch.Generator().manual_seed(0)
+    sampled = generate(model, prompt, 20, temperature=2.0, top_k=1, generator=g)
+    assert torch.equal(sampled, generate(model, prompt, 20, temperature=0))
+
+
+def test_top_k_keeps_exactly_k():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    for k in (1, 5, 49):
+        out = filter_logits(logits, top_k=k)
+        kept = torch.isfinite(out)
+        assert kept.sum(dim=-1).tolist() == [k, k, k]
+        expected = torch.zeros_like(kept).scatter(-1, logits.topk(k, dim=-1).indices, True)
+        assert torch.equal(kept, expected)
+        assert torch.equal(out[kept], logits[kept])
+    assert torch.equal(filter_logits(logits, top_k=0), logits)
+    assert torch.equal(filter_logits(logits, top_k=50), logits)
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept_probs"),
+    [
+        (0.3, {0.5}),  # the largest alone already reaches p
+        (0.7, {0.5, 0.3}),
+        (0.9, {0.5, 0.3, 0.15}),
+        (0.99, {0.5, 0.3, 0.15, 0.05}),
+        (1.0, {0.5, 0.3, 0.15, 0.05}),
+    ],
+)
+def test_top_p_keeps_smallest_set_reaching_p(top_p, kept_probs):
+    # Two rows, the same distribution in different orders (so the un-sorting is tested too).
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3], [0.3, 0.05, 0.15, 0.5]])
+    logits = probs.log() + 2.0  # any shift: softmax is the same
+    out = filter_logits(logits, top_p=top_p)
+    for row in range(2):
+        kept = {round(p, 2) for p in probs[row][torch.isfinite(out[row])].tolist()}
+        assert kept == kept_probs
+        finite = torch.isfinite(out[row])
+        assert torch.equal(out[row][finite], logits[row][finite])
+
+
+def test_top_k_and_top_p_combine():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = filter_logits(probs.log(), top_k=2, top_p=0.99)
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
+
+
+# --- parity with Hugging Face generate ------------------------------------------------------
+
+
+def test_greedy_matches_hf_generate(tmp_path):
+    model = random_model(block_size=64, seed=1)
+    folder = save_hf(model, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    prompt = prompt_ids(2, 8, seed=5)
+    ours = generate(model, prompt, 24, temperature=0)
+    with torch.no_grad():
+        theirs = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=24,
+            min_new_tokens=24,
+            pad_token_id=0,
+        )
+    assert torch.equal(ours, theirs)
+
+
+# --- the CLIs, end to end -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A very small training run with a checkpoint at its end."""
+    from trainer.train import run
+
+    path = tmp_path_factory.mktemp("run") / "tiny"
+    result = run(
+        {
+            "run": {"dir": str(path)},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "warmup_steps": 1},
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+            "eval": {"interval": 0},
+            "log": {"interval": 1, "progress": False},
+            "device": "cpu",
+        }
+    )
+    assert result.step == 3 and result.last_checkpoint is not None
+    return path
+
+
+def test_export_hf_matches_checkpoint(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    export_cli.main([f"checkpoint={run_dir}", "format=hf", f"out={out}"])
+    assert "exported" in capsys.readouterr().out
+    model, _ = load_model(run_dir)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert hf.config.n_layer == 2 and hf.config.n_embd == 32 and hf.config.n_positions == 32
+    x = prompt_ids(2, 32, vocab_size=model.cfg.vocab_size)
+    with torch.no_grad():
+        diff = (model(x) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_export_torch_is_a_plain_state_dict(run_dir, tmp_path):
+    out = tmp_path / "pt"
+    export_cli.main([f"checkpoint={run_dir}", "format=torch", f"out={out}"])
+    saved = torch.load(out / "model.pt", weights_only=True)
+    model, state = load_model(run_dir)
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert saved["model"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(saved["model"][key], value), key
+    assert saved["config"] == state["config"]["model"]
+    # The weights are the trained ones, not a fresh init.
+    fresh = GPT(model.cfg)
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_generate_cli_prints_greedy_continuation(run_dir, capsys):
+    generate_cli.main(
+        [f"checkpoint={run_dir}", "prompt=Hi", "max_new_tokens=5", "temperature=0", "device=cpu"]
+    )
+    printed = capsys.readouterr().out
+    assert printed.startswith("Hi")
+    model, _ = load_model(run_dir)
+    tok = get_tokenizer("bytes")
+    ids = generate(model, torch.tensor([tok.encode("Hi")]), 5, temperature=0)
+    assert ids.shape == (1, 2 + 5)
+    assert printed == tok.decode(ids[0].tolist()) + "\n"
+
+
+def one_error_line(err: str, prog: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error:"), err
+    return lines[0]
+
+
+def test_export_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(SystemExit) as exc:
+        export_cli.main([f"checkpoint={missing}", f"out={tmp_path / 'x'}"])
+    assert exc.value.code == 2
+    assert str(missing) in one_error_line(capsys.readouterr().err, "dlt-export")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["format=onnx"], "format"),
+        (["foo=1"], "foo"),
+    ],
+)
+def test_export_bad_arguments(run_dir, tmp_path, capsys, argv, names):
+    out = tmp_path / "x"
+    with pytest.raises(SystemExit) as exc:
+        export_cli.main([f"checkpoint={run_dir}", f"out={out}", *argv])
+    assert exc.value.code == 2
+    assert names in one_error_line(capsys.readouterr().err, "dlt-export")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["top_p=0"], "top_p"),
+        (["top_p=1.5"], "top_p"),
+        (["temperature=-1"], "temperature"),
+        (["foo=1"], "foo"),
+        (["max_new_tokens=many"], "max_new_tokens"),
+    ],
+)
+def test_generate_bad_arguments(run_dir, capsys, argv, names):
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main([f"checkpoint={run_dir}", *argv])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert names in one_error_line(captured.err, "dlt-generate")
+    assert captured.out == ""
+
+
+def test_generate_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nothing_here"
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main([f"checkpoint={missing}", "max_new_tokens=1"])
+    assert exc.value.code == 2
+    assert str(missing) in one_error_line(capsys.readouterr().err, "dlt-generate")
+
+
+def test_sampling_filters_give_a_distribution():
+    # Sanity on next-token probabilities after filtering: they sum to one over the kept set.
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = torch.softmax(filter_logits(probs.log(), top_p=0.7), dim=-1)
+    assert math.isclose(out.sum().item(), 1.0, rel_tol=1e-6)
+    assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
