@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.tokenizers import get_tokenizer
-from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, wants_help
+from jobs.cli import compose_config, errors_as_one_line, print_help, wants_help
 from trainer.config import ConfigError, describe_omegaconf_error
 from trainer.generate import load_model
 from trainer.hf import save_hf
@@ -28,7 +28,7 @@ class ExportConfig:
 
 
 def parse(argv: list[str]) -> ExportConfig:
-    composed = to_plain(compose_config("export", argv))
+    composed = compose_config("export", argv)
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), composed))
     except OmegaConfBaseException as err:

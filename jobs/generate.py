@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.tokenizers import get_tokenizer
-from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, wants_help
+from jobs.cli import compose_config, errors_as_one_line, print_help, wants_help
 from trainer.config import ConfigError, describe_omegaconf_error
 from trainer.generate import generate, load_model
 from trainer.train import pick_device
@@ -47,7 +47,7 @@ def check(cfg: GenerateConfig) -> None:
 
 
 def parse(argv: list[str]) -> GenerateConfig:
-    composed = to_plain(compose_config("generate", argv, literal_keys=("prompt",)))
+    composed = compose_config("generate", argv, literal_keys=("prompt",))
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), composed))
     except OmegaConfBaseException as err:

@@ -1,4 +1,4 @@
-"""Generation (KV cache, sampling filters, parity with Hugging Face) and the export/generate CLIs."""
+"""Generation (KV cache, sampling filters, Hugging Face parity) and the export/generate CLIs."""
 
 from __future__ import annotations
 
