@@ -59,7 +59,7 @@ BAD = [
     (["train.grad_accum=-1"], "train.grad_accum"),
     (["train.global_batch_size=30", "train.micro_batch_size=8"], "train.global_batch_size"),
     (["train.min_lr=1.0"], "train.min_lr"),
-    (["train.warmup_steps=1000"], "train.warmup_steps"),
+    (["train.warmup_steps=-1"], "train.warmup_steps"),
     (["train.beta2=1.0"], "train.beta1/beta2"),
     (["train.weight_decay=-0.1"], "train.weight_decay"),
     (["train.grad_clip=-1"], "train.grad_clip"),

@@ -259,6 +259,33 @@ def test_generate_cli_prints_greedy_continuation(run_dir, capsys):
     assert printed == tok.decode(ids[0].tolist()) + "\n"
 
 
+def test_generate_cli_prompt_is_verbatim(run_dir, capsys):
+    prompt = "Once upon a time, [x] = {y}: ${z}"
+    generate_cli.main([f"checkpoint={run_dir}", f"prompt={prompt}", "max_new_tokens=2"])
+    assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_generate_cli_model_vocab_larger_than_tokenizer(tmp_path, capsys):
+    """A model with a padded vocabulary (allowed: model.vocab_size >= data.vocab_size) must
+    still only emit ids the tokenizer can decode."""
+    from trainer.train import run
+
+    path = tmp_path / "padded"
+    run(
+        {
+            "run": {"dir": str(path)},
+            "train": {"max_steps": 1, "micro_batch_size": 2, "warmup_steps": 0},
+            "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 512},
+            "log": {"progress": False},
+            "device": "cpu",
+        }
+    )
+    capsys.readouterr()
+    argv = ["prompt=Hi", "max_new_tokens=12", "temperature=1", "top_k=0", "device=cpu"]
+    generate_cli.main([f"checkpoint={path}", *argv])
+    assert capsys.readouterr().out.startswith("Hi")
+
+
 def one_error_line(err: str, prog: str) -> str:
     lines = err.splitlines()
     assert len(lines) == 1, err

@@ -190,10 +190,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     _require(
         0.0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}"
     )
-    _require(
-        0 <= t.warmup_steps <= t.max_steps,
-        f"train.warmup_steps={t.warmup_steps} must be between 0 and train.max_steps={t.max_steps}",
-    )
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     _require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1/beta2: must be in [0, 1)")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables)")
