@@ -54,6 +54,8 @@ def test_loss_falls_and_metrics_have_every_field(tiny):
     assert [r["step"] for r in val] == [15, 30]
     assert val[1]["val_loss"] < val[0]["val_loss"]
     assert val[1]["val_ppl"] == pytest.approx(math.exp(val[1]["val_loss"]))
+    text_log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    assert "step 30/30 | loss" in text_log and "checkpoint saved" in text_log
 
 
 def test_mfu_uses_the_configured_peak(tiny):

@@ -1,8 +1,9 @@
 """What a run reports: throughput, MFU, memory, and where it writes them.
 
 `metrics.jsonl` in the run directory gets one JSON object per logged step; the console gets one
-plain line per logged step (readable in a SLURM log file); a progress bar is drawn only when
-stderr is a terminal. Only global rank 0 writes.
+plain line per logged step (readable in a SLURM log file), also appended to `train.log` in the
+run directory; a progress bar is drawn only when stderr is a terminal. Only global rank 0
+writes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.max_steps = max_steps
         self.path = run_dir / "metrics.jsonl"
+        self.text_log = run_dir / "train.log"
         self.bar = None
         if not enabled:
             return
@@ -73,6 +75,8 @@ class MetricsLogger:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         line = f"[{stamp}] {text}"
+        with open(self.text_log, "a") as f:
+            f.write(line + "\n")
         if self.bar is not None:
             self.bar.write(line)
         else:
