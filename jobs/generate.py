@@ -78,6 +78,7 @@ def sample_texts(cfg: GenerateConfig) -> list[str]:
         cfg.top_p,
         generator=generator,
         use_cache=cfg.use_cache,
+        vocab_limit=tokenizer.vocab_size,
     )
     return [tokenizer.decode(row.tolist()) for row in out]
 

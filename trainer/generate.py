@@ -25,6 +25,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token once the mass *before* it already reaches top_p (keeps at least one).
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -55,11 +56,14 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stop_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Continue `prompt` (B, T) by up to `max_new_tokens` tokens; returns prompt + new tokens.
 
     Past `model.cfg.block_size` tokens only the most recent window is seen (learned positions
     cannot go further); there the cache is rebuilt from the window each step.
+    `vocab_limit` restricts sampling to ids below it (a model vocabulary padded past the
+    tokenizer's must never emit the padding ids).
     """
     model.eval()
     block = model.cfg.block_size
@@ -75,7 +79,7 @@ def generate(
         else:
             cache = None
             logits = model(tokens[:, -block:])
-        token = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+        token = next_token(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
         tokens = torch.cat([tokens, token], dim=1)
         if stop_id is not None and bool((token == stop_id).all()):
             break

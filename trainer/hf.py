@@ -31,6 +31,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         "transformer.wpe.weight": state["pos_emb.weight"],
         "transformer.ln_f.weight": state["ln_f.weight"],
         "transformer.ln_f.bias": state["ln_f.bias"],
+        "lm_head.weight": state["tok_emb.weight"],
     }
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
