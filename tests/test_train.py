@@ -140,3 +140,12 @@ def test_init_from_a_hugging_face_folder(tiny, tmp_path):
     with torch.no_grad():
         expected = source(x[:, :-1], x[:, 1:]).item()
     assert started.losses[1] == pytest.approx(expected, abs=1e-6)
+
+
+def test_precision_can_change_on_resume(tiny):
+    """An fp32 checkpoint (no grad-scaler state) resumes under fp16 and vice versa."""
+    cfg = tiny()
+    run(cfg, stop_requested=lambda step: step == 2)
+    run({**cfg, "precision": "fp16"}, stop_requested=lambda step: step == 4)
+    resumed = run({**cfg, "precision": "bf16"})
+    assert sorted(resumed.losses) == [5, 6]

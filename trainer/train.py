@@ -98,6 +98,33 @@ def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> float
     return total / cfg.eval.steps
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loader: BatchLoader,
+    cfg: Config,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm)."""
+    t = cfg.train
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(t.grad_accum):
+        x, y = (b.to(device, non_blocking=True) for b in loader.next_batch())
+        with autocast(cfg, device):
+            loss = model(x, y) / t.grad_accum  # so the summed gradients are the step's mean
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    scaler.step(optimizer)  # fp16: skipped when gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 def run(
     cfg: Config | Mapping[str, Any], stop_requested: Callable[[int], bool] | None = None
 ) -> RunResult:
@@ -107,6 +134,7 @@ def run(
     saves a checkpoint and returns early (this is how preemption stops a run).
     """
     cfg = load_config(cfg, world_size=1)
+    t = cfg.train
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run.dir)
     resume_from = find_resume_point(cfg)
@@ -114,33 +142,33 @@ def run(
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
 
     model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg.train, device)
+    optimizer = build_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    loader = BatchLoader(build_source(cfg, "train"), cfg.train.micro_batch_size)
+    loader = BatchLoader(build_source(cfg, "train"), t.micro_batch_size)
 
-    step = 0
-    elapsed_before = 0.0
+    step, elapsed_before = 0, 0.0
     if resume_from is not None:
-        saved = checkpoint.read_trainer_state(resume_from)
-        check_same_model(cfg, saved, resume_from)
+        check_same_model(cfg, checkpoint.read_trainer_state(resume_from), resume_from)
         saved = checkpoint.load(resume_from, model, optimizer)
-        step = saved["step"]
+        step, elapsed_before = saved["step"], saved["elapsed_s"]
         loader.load_state_dict(saved["data"])
-        scaler.load_state_dict(saved.get("grad_scaler", {}))
-        elapsed_before = saved.get("elapsed_s", 0.0)
+        if saved["grad_scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(saved["grad_scaler"])
 
-    t = cfg.train
     log = MetricsLogger(run_dir, t.max_steps, step, enabled=True, progress=cfg.log.progress)
     n_params = model.num_params()
     tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.model.block_size
+    flops_per_step = flops_per_token(cfg.model, n_params) * tokens_per_step
     peak = peak_tflops(device, cfg.log.peak_tflops)
     log.print(
         f"run {run_dir} | model {n_params / 1e6:.2f}M params | device {device} | "
         f"precision {cfg.precision} | {tokens_per_step:,} tokens/step | "
         + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start")
     )
-    train_model = torch.compile(model) if t.compile else model
+    train_model = torch.compile(model) if t.compile else model  # checkpoints use `model`
     result = RunResult(run_dir, step, resume_from)
+    start_time = window_start = time.perf_counter()
+    window_steps = 0
 
     def save() -> None:
         state = {
@@ -157,25 +185,11 @@ def run(
         log.print(f"checkpoint saved: {result.last_checkpoint}")
 
     model.train()
-    start_time = window_start = time.perf_counter()
-    window_steps = 0
     while step < t.max_steps:
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(t.grad_accum):
-            x, y = (b.to(device, non_blocking=True) for b in loader.next_batch())
-            with autocast(cfg, device):
-                loss = train_model(x, y) / t.grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(train_model, optimizer, scaler, loader, cfg, device)
         step += 1
         window_steps += 1
         log.advance()
@@ -183,27 +197,23 @@ def run(
         last = step == t.max_steps
         eval_due = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
         if step % cfg.log.interval == 0 or last or eval_due:
-            loss_value = loss_sum.item()  # syncs with the device, so timing below is honest
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step * window_steps / (now - window_start)
-            flops = flops_per_token(cfg.model, n_params) * tokens_per_s
-            record = {
-                "step": step,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": tokens_per_s,
-                "mfu": flops / (peak * 1e12) if peak else None,
+            record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+            now = time.perf_counter()  # after .item(): the device has finished the window
+            step_time = (now - window_start) / window_steps
+            record |= {
+                "tokens_per_s": tokens_per_step / step_time,
+                "mfu": flops_per_step / step_time / (peak * 1e12) if peak else None,
                 "memory_gib": peak_memory_gib(device),
                 "tokens": step * tokens_per_step,
                 "elapsed_s": elapsed_before + now - start_time,
             }
-            result.losses[step] = loss_value
+            result.losses[step] = record["loss"]
             if eval_due:
                 record["val_loss"] = evaluate(model, cfg, device)
                 record["val_ppl"] = perplexity(record["val_loss"])
             log.log(record)
             window_start, window_steps = time.perf_counter(), 0
+
         stop = stop_requested is not None and stop_requested(step)
         if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             save()
