@@ -1,4 +1,5 @@
-"""Tokenizers by name: `gpt2` (GPT-2 BPE through tiktoken, offline) and `bytes`.
+"""Tokenizers by name: `gpt2` (GPT-2 BPE through tiktoken, offline), `bpe` (a byte-level BPE
+trained on the corpus, stored next to the shards as a tiktoken ranks file) and `bytes`.
 
 Every tokenizer has a name, a vocabulary size, an end-of-text id and a content hash, so a
 dataset (or a checkpoint) can record exactly which tokenizer produced its ids.
@@ -6,10 +7,14 @@ dataset (or a checkpoint) can record exactly which tokenizer produced its ids.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -94,10 +99,91 @@ def raw_bytes() -> Tokenizer:
     return Tokenizer("bytes", None, 257, 256, hashlib.sha256(b"bytes-v1").hexdigest()[:16])
 
 
+BPE_FILE = "tokenizer.tiktoken"  # a trained BPE, in the folder of the shards it made
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from bytes to printable characters (byte-level BPE vocabularies use it)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
+    """Train a byte-level BPE (Hugging Face `tokenizers`) and return tiktoken merge ranks.
+
+    The vocabulary holds `vocab_size - 1` tokens; <|endoftext|> takes the last id.
+    The trainer assigns ids to the 256 bytes first and then to merges in the order they were
+    learned, which is exactly tiktoken's notion of rank (lower = merged first).
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer)
+    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    by_id = sorted(hf.get_vocab().items(), key=lambda item: item[1])
+    return {bytes(to_byte[c] for c in token): rank for rank, (token, _) in enumerate(by_id)}
+
+
+def save_bpe(ranks: dict[bytes, int], path: str | Path) -> None:
+    """Write a tiktoken ranks file (`base64(token) rank` per line), atomically."""
+    lines = [
+        f"{base64.b64encode(tok).decode()} {rank}\n"
+        for tok, rank in sorted(ranks.items(), key=lambda item: item[1])
+    ]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}: line {number} is not `base64-token rank`") from None
+    return ranks
+
+
+def load_bpe(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trained BPE tokenizer file not found")
+    ranks = read_ranks(path)
+    eot = len(ranks)
+    encoding = tiktoken.Encoding(
+        name="bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: eot}
+    )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return Tokenizer("bpe", encoding, eot + 1, eot, digest)
+
+
 TOKENIZERS = {"gpt2": gpt2, "bytes": raw_bytes}
+NAMES = ("gpt2", "bpe", "bytes")
 
 
-def get_tokenizer(name: str) -> Tokenizer:
+def get_tokenizer(name: str, folder: str | Path | None = None) -> Tokenizer:
+    """A tokenizer by name; `bpe` is read from `folder` (the dataset it was trained for)."""
+    if name == "bpe":
+        if folder is None:
+            raise ValueError("tokenizer=bpe: needs the folder of the dataset it was trained on")
+        return load_bpe(Path(folder) / BPE_FILE)
     if name not in TOKENIZERS:
-        raise ValueError(f"tokenizer={name!r}: expected one of {', '.join(TOKENIZERS)}")
+        raise ValueError(f"tokenizer={name!r}: expected one of {', '.join(NAMES)}")
     return TOKENIZERS[name]()

@@ -16,6 +16,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_prep.shards import DatasetError
+from data_prep.sources import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, describe_omegaconf_error
 
@@ -68,10 +70,18 @@ def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:
 
 @contextlib.contextmanager
 def errors_as_one_line(prog: str) -> Iterator[None]:
-    """Turn configuration and checkpoint errors into `prog: error: ...` and exit status 2."""
+    """Turn configuration, data and checkpoint errors into `prog: error: ...`, exit status 2."""
+    expected = (
+        ConfigError,
+        CheckpointError,
+        DataError,
+        DatasetError,
+        HydraException,
+        OmegaConfBaseException,
+    )
     try:
         yield
-    except (ConfigError, CheckpointError, HydraException, OmegaConfBaseException) as err:
+    except expected as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 

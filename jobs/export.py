@@ -44,7 +44,7 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out)
     if cfg.format == "hf":
         tokenizer_name = state["config"]["data"]["tokenizer"]
-        eot_id = get_tokenizer(tokenizer_name).eot_id
+        eot_id = get_tokenizer(tokenizer_name, state["checkpoint_dir"]).eot_id
         return save_hf(model, out, eot_id=eot_id)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.pt"

@@ -60,7 +60,8 @@ def sample_texts(cfg: GenerateConfig) -> list[str]:
     """The generated texts (prompt included), one per sample."""
     device = pick_device(cfg.device)
     model, state = load_model(cfg.checkpoint, device)
-    tokenizer = get_tokenizer(cfg.tokenizer or state["config"]["data"]["tokenizer"])
+    name = cfg.tokenizer or state["config"]["data"]["tokenizer"]
+    tokenizer = get_tokenizer(name, state["checkpoint_dir"])
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ConfigError(
             f"tokenizer={tokenizer.name} has {tokenizer.vocab_size} ids but the model only "

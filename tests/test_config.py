@@ -31,9 +31,12 @@ def test_presets_compose_to_the_documented_shapes():
     assert (large.n_layer, large.n_embd, large.n_head) == (36, 1280, 20)
     xl = compose_train("model=gpt2_xl").model
     assert (xl.n_layer, xl.n_embd, xl.n_head) == (48, 1600, 25)
-    tiny = compose_train()
+    tiny = compose_train("data=dummy")
     assert tiny.model.vocab_size == tiny.data.vocab_size == 257
     assert tiny.run.dir == "runs/tiny"
+    sample = compose_train()  # the default: the embedded corpus, vocabulary from its manifest
+    assert sample.data.kind == "shards" and sample.data.path == "data/sample"
+    assert sample.model.vocab_size is None and sample.data.tokenizer == "bpe"
 
 
 def test_global_batch_size_derives_grad_accum():
@@ -80,7 +83,7 @@ BAD = [
 def test_bad_config_is_one_line_naming_the_key(overrides, key, capsys, tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        train_main([*overrides, f"run.dir={run_dir}"])
+        train_main(["data=dummy", *overrides, f"run.dir={run_dir}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dlt-train: error: ")
@@ -99,7 +102,7 @@ def test_load_config_rejects_unknown_keys_and_types_directly():
 
 def test_cli_error_from_a_real_process_is_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.train", "model.n_head=5", f"run.dir={tmp_path}"],
+        [sys.executable, "-m", "jobs.train", "data=dummy", "model.n_head=5", f"run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         timeout=120,

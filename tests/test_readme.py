@@ -28,31 +28,29 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 @pytest.mark.slow
-def test_readme_demo_command_trains_and_generates(tmp_path):
+def test_readme_demo_command_prepares_trains_and_generates(tmp_path):
     """Run the README's demo (minus the install, which CI has done) with fewer steps."""
     steps = readme_command("demo-command").split(" && ")
     assert steps[0].startswith("pip install torch==2.13.0")
-    train, generate = (shlex.split(s) for s in steps if s.startswith(("dlt-train", "dlt-gen")))
-    run_dir = tmp_path / "demo"
+    commands = [shlex.split(s) for s in steps if s.startswith("dlt-")]
+    assert [c[0] for c in commands] == ["dlt-prep", "dlt-train", "dlt-generate"]
+    prep, train, generate = commands
+    modules = {"dlt-prep": "jobs.prep", "dlt-train": "jobs.train", "dlt-generate": "jobs.generate"}
 
-    def fix(args: list[str]) -> list[str]:
-        # Same command, but the run goes under tmp_path; as `python -m` (same entry point).
-        module = {"dlt-train": "jobs.train", "dlt-generate": "jobs.generate"}[args[0]]
-        rest = [a.replace("runs/demo", str(run_dir)) for a in args[1:]]
-        return [sys.executable, "-m", module, *rest]
+    def run(args: list[str], *extra: str) -> subprocess.CompletedProcess:
+        # The same command as `python -m` (the same entry point), in an empty folder.
+        command = [sys.executable, "-m", modules[args[0]], *args[1:], *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done
 
-    trained = subprocess.run(
-        [*fix(train), "train.max_steps=80", "train.warmup_steps=5", "log.interval=5"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert trained.returncode == 0, trained.stderr
+    run(prep)
+    assert (tmp_path / "data" / "sample" / "manifest.json").is_file()
+    trained = run(train, "train.max_steps=60", "train.warmup_steps=5", "log.interval=5")
     lines = [line for line in trained.stdout.splitlines() if "| loss " in line]
     losses = [float(re.search(r"\| loss ([\d.]+)", line).group(1)) for line in lines]
-    assert len(losses) >= 3 and losses[-1] < losses[0] - 1.0  # visibly learning
-    generated = subprocess.run(fix(generate), capture_output=True, text=True, timeout=300)
-    assert generated.returncode == 0, generated.stderr
-    assert generated.stdout.startswith("Once upon a time,")
-    assert len(generated.stdout) > len("Once upon a time,") + 10
+    assert len(losses) >= 10 and losses[-1] < losses[0] - 1.0  # visibly learning
+    generated = run(generate).stdout
+    assert generated.startswith("Once upon a time,")
+    words = re.findall(r"[A-Za-z]+", generated[len("Once upon a time,") :])
+    assert len(words) >= 10  # a trained BPE decodes to words, not byte noise

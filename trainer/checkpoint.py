@@ -210,8 +210,12 @@ def save(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
+    extra_files: list[Path] = (),
 ) -> Path:
-    """Write checkpoint `step_<step>` (collective: every rank calls it) and prune old ones."""
+    """Write checkpoint `step_<step>` (collective: every rank calls it) and prune old ones.
+
+    `extra_files` (e.g. the tokenizer) are copied in next to the state.
+    """
     root = checkpoints_root(run_dir)
     final = root / f"step_{step}"
     if is_complete(final):  # e.g. preempted again right after resuming from this step
@@ -226,6 +230,8 @@ def save(
     dcp.save(state, checkpoint_id=tmp)
     if _rank() == 0:
         _write_json_atomic(tmp / TRAINER_STATE, {"format_version": FORMAT_VERSION, **trainer_state})
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / Path(extra).name)
         os.replace(tmp, final)
         _write_json_atomic(final / COMPLETE_MARK, {"step": step, "files": _list_files(final)})
         prune(run_dir, keep)

@@ -15,10 +15,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_prep.config import DATA_KINDS, DataConfig
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_KINDS = ("dummy",)
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,7 @@ class ModelConfig:
     n_head: int = 6
     n_embd: int = 192
     block_size: int = 128
-    vocab_size: int = 257
+    vocab_size: int | None = 257  # null: the dataset's vocabulary size
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     attention: str = "auto"  # auto: flash-attn on CUDA when installed, else SDPA
@@ -55,16 +56,6 @@ class TrainConfig:
     seed: int = 1337
     activation_checkpointing: bool = False
     compile: bool = False
-
-
-@dataclass
-class DataConfig:
-    name: str = "dummy"
-    kind: str = "dummy"
-    path: str | None = None
-    tokenizer: str = "bytes"
-    vocab_size: int = 257  # token ids in the data are below this
-    dummy_branching: int = 4  # each dummy token has this many possible successors
 
 
 @dataclass
@@ -168,25 +159,33 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_config(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Also derives `train.grad_accum` from `train.global_batch_size`."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    _positive(cfg, "data.vocab_size")  # first: the tiny model's vocabulary derives from it
+    _one_of("data.kind", cfg.data.kind, DATA_KINDS)
+    if cfg.data.kind == "dummy":
+        _positive(cfg, "data.vocab_size")
+        if m.vocab_size is None:
+            m.vocab_size = cfg.data.vocab_size
+    else:
+        _require(bool(cfg.data.path), "data.path: data.kind=shards needs the dataset folder")
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
-    _positive(cfg, "model.vocab_size", "train.micro_batch_size", "train.grad_accum")
+    _positive(cfg, "train.micro_batch_size", "train.grad_accum")
     _positive(cfg, "train.max_steps", "train.lr", "checkpoint.keep", "log.interval")
     _positive(cfg, "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp")
     _require(
         m.n_embd % m.n_head == 0,
         f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",
     )
-    _require(
-        m.vocab_size >= cfg.data.vocab_size,
-        f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size} "
-        f"(tokenizer {cfg.data.tokenizer})",
-    )
+    if m.vocab_size is not None:
+        _positive(cfg, "model.vocab_size")
+    if m.vocab_size is not None and cfg.data.vocab_size is not None:
+        _require(
+            m.vocab_size >= cfg.data.vocab_size,
+            f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size="
+            f"{cfg.data.vocab_size} (tokenizer {cfg.data.tokenizer})",
+        )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
     _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("device", cfg.device, DEVICES)
-    _one_of("data.kind", cfg.data.kind, DATA_KINDS)
     _require(
         0.0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}"
     )

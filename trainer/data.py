@@ -9,11 +9,16 @@ whatever the number of data-parallel ranks is after the restart.
 
 from __future__ import annotations
 
+import queue
+import threading
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from trainer.config import Config
+from data_prep.shards import DatasetError, open_shards, read_manifest
+from trainer.config import Config, ConfigError
 
 
 class SampleSource(Protocol):
@@ -55,8 +60,86 @@ class DummyTokens:
         return torch.tensor(tokens, dtype=torch.long)
 
 
+class ShardTokens:
+    """Windows of a prepared dataset's split, in a seeded order that reshuffles every epoch.
+
+    The split's shards form one token stream (memory-mapped, read on demand). Window `w` is
+    tokens `[w * seq_len, w * seq_len + seq_len + 1)`: consecutive windows share one token (the
+    last target of one is the first input of the next), no window runs past the end, and
+    documents may span windows as in GPT-2's pre-training. Sample `i` is window
+    `order(epoch)[i % num_windows]` with `epoch = i // num_windows`: within an epoch no window
+    repeats.
+    """
+
+    def __init__(self, folder: str | Path, split: str, seq_len: int, seed: int):
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shards = open_shards(folder, split)
+        sizes = np.array([s.size for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each shard
+        self.num_windows = int((self.starts[-1] - 1) // seq_len)
+        if self.num_windows < 1:
+            raise DatasetError(
+                f"{folder}: the {split} split has {self.starts[-1]} tokens, fewer than one "
+                f"window of {seq_len + 1} (model.block_size + 1)"
+            )
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window order of `epoch` (a permutation; the latest two are cached)."""
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = rng.permutation(self.num_windows).astype(np.int64)
+        return self._orders[epoch]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream, across shard boundaries."""
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            offset = start - int(self.starts[shard])
+            piece = self.shards[shard][offset : offset + length]
+            pieces.append(piece)
+            start, length, shard = start + piece.size, length - piece.size, shard + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def sample(self, index: int) -> torch.Tensor:
+        epoch, position = divmod(index, self.num_windows)
+        window = int(self.order(epoch)[position])
+        tokens = self.read(window * self.seq_len, self.seq_len + 1)
+        return torch.from_numpy(tokens.astype(np.int64))
+
+
+def resolve_dataset(cfg: Config) -> dict | None:
+    """For a shard dataset: check it against the config and fill in what the config left null
+    (data.tokenizer, data.vocab_size, model.vocab_size). Returns the manifest."""
+    if cfg.data.kind != "shards":
+        return None
+    manifest = read_manifest(cfg.data.path)
+    tok = manifest["tokenizer"]
+    where = f"dataset {cfg.data.path}"
+    if cfg.data.tokenizer not in (None, tok["name"]):
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} but {where} was tokenized with {tok['name']}"
+        )
+    if cfg.data.vocab_size not in (None, tok["vocab_size"]):
+        raise ConfigError(
+            f"data.vocab_size={cfg.data.vocab_size} but {where} has {tok['vocab_size']} ids"
+        )
+    cfg.data.tokenizer, cfg.data.vocab_size = tok["name"], tok["vocab_size"]
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tok["vocab_size"]
+    elif cfg.model.vocab_size < tok["vocab_size"]:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of {where} "
+            f"({tok['name']}, {tok['vocab_size']} ids)"
+        )
+    return manifest
+
+
 def build_source(cfg: Config, split: str) -> SampleSource:
-    """The sample source named by `cfg.data` (shard datasets plug in here)."""
+    """The sample source named by `cfg.data`."""
     if cfg.data.kind == "dummy":
         return DummyTokens(
             cfg.data.vocab_size,
@@ -65,34 +148,93 @@ def build_source(cfg: Config, split: str) -> SampleSource:
             cfg.train.seed,
             split,
         )
-    raise ValueError(f"data.kind={cfg.data.kind!r} is not supported")
+    return ShardTokens(cfg.data.path, split, cfg.model.block_size, cfg.train.seed)
 
 
 class BatchLoader:
     """Micro-batches `(inputs, targets)` for one data-parallel rank.
 
     Global sample order: micro-step after micro-step, `micro_batch_size * dp_size` samples each;
-    rank `r` reads the `r`-th block of `micro_batch_size` of them.
+    rank `r` reads the `r`-th block of `micro_batch_size` of them. With `prefetch > 0` a
+    background thread assembles the next batches while the model computes; since a batch is a
+    pure function of its position, prefetching never changes what is read.
     """
 
     def __init__(
-        self, source: SampleSource, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1
+        self,
+        source: SampleSource,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        prefetch: int = 0,
+        pin_memory: bool = False,
     ):
         self.source = source
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
         self.samples_consumed = 0  # by all ranks together
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    @property
+    def step_samples(self) -> int:
+        return self.micro_batch_size * self.dp_size
+
+    def batch_at(self, consumed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch when `consumed` samples have been consumed before it."""
+        first = consumed + self.dp_rank * self.micro_batch_size
+        tokens = torch.stack([self.source.sample(first + i) for i in range(self.micro_batch_size)])
+        if self.pin_memory:
+            tokens = tokens.pin_memory()
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def _produce(self, consumed: int, out: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item = self.batch_at(consumed)
+            except Exception as err:  # delivered to the training thread, raised there
+                item = err
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+            consumed += self.step_samples
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.samples_consumed + self.dp_rank * self.micro_batch_size
-        tokens = torch.stack([self.source.sample(first + i) for i in range(self.micro_batch_size)])
-        self.samples_consumed += self.micro_batch_size * self.dp_size
-        return tokens[:, :-1], tokens[:, 1:]
+        if self.prefetch <= 0:
+            batch = self.batch_at(self.samples_consumed)
+        else:
+            if self._queue is None:
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._stop = threading.Event()
+                threading.Thread(
+                    target=self._produce,
+                    args=(self.samples_consumed, self._queue, self._stop),
+                    daemon=True,
+                    name="batch-prefetch",
+                ).start()
+            batch = self._queue.get()
+            if isinstance(batch, Exception):
+                raise batch
+        self.samples_consumed += self.step_samples
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a later next_batch starts a new one where this stopped)."""
+        self._stop.set()
+        self._queue = None
 
     def state_dict(self) -> dict[str, int]:
         # dp_size is informational: the position is global, so any dp size can resume it.
         return {"version": 1, "samples_consumed": self.samples_consumed, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.close()
         self.samples_consumed = int(state["samples_consumed"])

@@ -87,9 +87,10 @@ def generate(
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """The model of a checkpoint (a run directory's newest, or one folder) and its trainer state."""
+    """The model of a checkpoint (a run directory's newest, or one folder) and its trainer
+    state, with `checkpoint_dir` added (where files such as a trained tokenizer are)."""
     folder = checkpoint.resolve(path)
-    state = checkpoint.read_trainer_state(folder)
+    state = {**checkpoint.read_trainer_state(folder), "checkpoint_dir": str(folder)}
     cfg = ModelConfig(**state["config"]["model"])
     cfg.dropout = 0.0
     model = GPT(cfg)

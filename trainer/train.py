@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, load_config, to_dict
-from trainer.data import BatchLoader, build_source
+from trainer.data import BatchLoader, build_source, resolve_dataset
 from trainer.hf import load_hf
 from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
 from trainer.model import GPT, flops_per_token
@@ -134,6 +134,7 @@ def run(
     saves a checkpoint and returns early (this is how preemption stops a run).
     """
     cfg = load_config(cfg, world_size=1)
+    manifest = resolve_dataset(cfg)
     t = cfg.train
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run.dir)
@@ -144,7 +145,9 @@ def run(
     model = build_model(cfg, device)
     optimizer = build_optimizer(model, t, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    loader = BatchLoader(build_source(cfg, "train"), t.micro_batch_size)
+    loader = BatchLoader(
+        build_source(cfg, "train"), t.micro_batch_size, prefetch=2, pin_memory=device.type == "cuda"
+    )
 
     step, elapsed_before = 0, 0.0
     if resume_from is not None:
@@ -167,6 +170,9 @@ def run(
     )
     train_model = torch.compile(model) if t.compile else model  # checkpoints use `model`
     result = RunResult(run_dir, step, resume_from)
+    # A trained tokenizer travels inside every checkpoint, so generation needs nothing else.
+    tokenizer_file = manifest and manifest["tokenizer"]["file"]
+    extra = [Path(cfg.data.path) / tokenizer_file] if tokenizer_file else []
     start_time = window_start = time.perf_counter()
     window_steps = 0
 
@@ -180,7 +186,7 @@ def run(
             "torch_version": torch.__version__,
         }
         result.last_checkpoint = checkpoint.save(
-            run_dir, step, model, optimizer, state, keep=cfg.checkpoint.keep
+            run_dir, step, model, optimizer, state, keep=cfg.checkpoint.keep, extra_files=extra
         )
         log.print(f"checkpoint saved: {result.last_checkpoint}")
 
@@ -221,5 +227,6 @@ def run(
             log.print(f"stopping early at step {step} (requested)")
             break
     result.step = step
+    loader.close()
     log.close()
     return result

@@ -1,0 +1,324 @@
+"""The prep job: plan chunks -> (train a BPE) -> tokenize each chunk into shards -> manifest.
+
+    plan()           cut the corpus into chunks; written to plan.json (reused by re-runs)
+    prepare_tokenizer()   for tokenizer=bpe, train it once on the training documents
+    process_chunk(i) chunk i -> train/0000i.npy (+ val/0000i.npy) + chunks/0000i.json;
+                     skipped when its shards are already intact (restartable; the unit of
+                     work of a SLURM array task)
+    finalize()       check every chunk's shards (sha256) and write manifest.json, last
+
+`run_local` runs them all here, chunks in a process pool.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import zlib
+from array import array
+from dataclasses import asdict
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.config import DOC_SEPARATORS, INPUT_FORMATS, DataConfig
+from data_prep.shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    DatasetError,
+    shard_is_intact,
+    token_dtype,
+    write_json_atomic,
+    write_shard,
+)
+from data_prep.sources import (
+    Chunk,
+    DataError,
+    all_inputs,
+    input_signature,
+    iter_documents,
+    plan_chunks,
+    read_chunk,
+)
+from data_prep.tokenizers import BPE_FILE, NAMES, Tokenizer, get_tokenizer, save_bpe, train_bpe
+
+PLAN = "plan.json"
+# Settings that change what the shards contain: a re-run with other values must not mix in.
+SHARD_SETTINGS = (
+    "tokenizer",
+    "format",
+    "doc_separator",
+    "text_field",
+    "hf_split",
+    "val_fraction",
+    "chunk_mb",
+    "bpe_vocab_size",
+    "bpe_train_mb",
+)
+
+
+def check_prep_config(cfg: DataConfig) -> None:
+    """One-line errors for settings dlt-prep cannot work with."""
+    if not cfg.out:
+        raise DataError("data.out: where to write the shards is not set")
+    if not cfg.input:
+        raise DataError("data.input: no input files given")
+    if cfg.tokenizer not in NAMES:
+        raise DataError(f"tokenizer={cfg.tokenizer!r}: expected one of {', '.join(NAMES)}")
+    if cfg.format not in INPUT_FORMATS:
+        raise DataError(f"data.format={cfg.format!r}: expected one of {', '.join(INPUT_FORMATS)}")
+    if cfg.doc_separator not in DOC_SEPARATORS:
+        raise DataError(
+            f"data.doc_separator={cfg.doc_separator!r}: expected one of {', '.join(DOC_SEPARATORS)}"
+        )
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"data.val_fraction={cfg.val_fraction}: must be in [0, 1)")
+    if cfg.chunk_mb <= 0:
+        raise DataError(f"data.chunk_mb={cfg.chunk_mb}: must be positive")
+    if cfg.tokenizer == "bpe" and not 258 <= cfg.bpe_vocab_size <= 2**32:
+        raise DataError(f"data.bpe_vocab_size={cfg.bpe_vocab_size}: must be at least 258")
+
+
+def settings_of(cfg: DataConfig) -> dict[str, Any]:
+    return {key: getattr(cfg, key) for key in SHARD_SETTINGS}
+
+
+def plan(cfg: DataConfig) -> list[Chunk]:
+    """The chunks of the corpus: from plan.json when inputs and settings are unchanged."""
+    check_prep_config(cfg)
+    out = Path(cfg.out)
+    inputs = all_inputs(cfg)
+    signature = {"settings": settings_of(cfg), "inputs": input_signature([s for s, _ in inputs])}
+    plan_path = out / PLAN
+    if plan_path.is_file():
+        saved = read_plan(out)
+        if {k: saved[k] for k in signature} == signature:
+            return [Chunk(**c) for c in saved["chunks"]]
+        if (out / "chunks").is_dir() and any((out / "chunks").iterdir()):
+            raise DataError(
+                f"data.out={out} holds a dataset prepared from other inputs or settings: "
+                "use another data.out, or delete it"
+            )
+    chunks = plan_chunks(inputs, cfg)
+    if not chunks:
+        raise DataError("data.input: the inputs are empty (no documents)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        plan_path,
+        {**signature, "format_version": FORMAT_VERSION, "chunks": [c.to_dict() for c in chunks]},
+    )
+    return chunks
+
+
+def read_plan(out: Path) -> dict[str, Any]:
+    return json.loads((out / PLAN).read_text())
+
+
+def prepare_tokenizer(cfg: DataConfig, chunks: list[Chunk]) -> Tokenizer:
+    """The tokenizer; for `bpe`, trained here first (once) on up to bpe_train_mb of text."""
+    out = Path(cfg.out)
+    if cfg.tokenizer == "bpe" and not (out / BPE_FILE).is_file():
+        budget = int(cfg.bpe_train_mb * 2**20)
+
+        def training_text():
+            used = 0
+            for doc in iter_documents([c for c in chunks if c.split == "train"], cfg):
+                if used >= budget:
+                    return
+                used += len(doc)
+                yield doc
+
+        save_bpe(train_bpe(training_text(), cfg.bpe_vocab_size), out / BPE_FILE)
+    return get_tokenizer(cfg.tokenizer, out)
+
+
+def chunk_record_path(out: Path, index: int) -> Path:
+    return out / "chunks" / f"{index:05d}.json"
+
+
+def chunk_is_done(out: Path, index: int) -> bool:
+    """Chunk `index` has a record and every shard it lists is intact (size and sha256)."""
+    path = chunk_record_path(out, index)
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return all(shard_is_intact(out / e["file"], e) for e in record["shards"].values())
+
+
+def is_validation(doc: str, fraction: float) -> bool:
+    """A stable, content-based choice: the same document always lands in the same split."""
+    return fraction > 0 and zlib.crc32(doc.encode()) % 100_000 < fraction * 100_000
+
+
+def tokenize(docs: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray:
+    """Concatenated ids of the documents, each followed by the end-of-text id."""
+    ids = array("I")
+    for doc in docs:
+        if tokenizer.encoding is None:
+            ids.extend(doc.encode("utf-8"))
+        else:
+            ids.extend(tokenizer.encoding.encode_ordinary(doc))
+        ids.append(tokenizer.eot_id)
+    return np.frombuffer(ids, dtype=np.uint32).astype(dtype)
+
+
+def process_chunk(
+    cfg: DataConfig, chunks: list[Chunk], index: int, tokenizer: Tokenizer
+) -> dict[str, Any]:
+    """Tokenize chunk `index` into its shards (skipped if already intact); returns its record."""
+    out = Path(cfg.out)
+    if chunk_is_done(out, index):
+        return {**json.loads(chunk_record_path(out, index).read_text()), "skipped": True}
+    chunk = chunks[index]
+    docs = read_chunk(chunk, cfg)
+    by_split: dict[str, list[str]] = {"train": [], "val": []}
+    for doc in docs.texts:
+        val = chunk.split == "val" or is_validation(doc, cfg.val_fraction)
+        by_split["val" if val else "train"].append(doc)
+    dtype = token_dtype(tokenizer.vocab_size)
+    shards = {}
+    for split, split_docs in by_split.items():
+        if not split_docs:
+            continue
+        file = f"{split}/{index:05d}.npy"
+        entry = write_shard(out / file, tokenize(split_docs, tokenizer, dtype))
+        shards[split] = {"file": file, "num_documents": len(split_docs), **entry}
+    record = {
+        "chunk": index,
+        "input_bytes": chunk.end - chunk.start if chunk.format != "hf" else None,
+        "shards": shards,
+        "skipped_documents": docs.skipped,
+    }
+    chunk_record_path(out, index).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(chunk_record_path(out, index), record)
+    return {**record, "skipped": False}
+
+
+def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict[str, Any]:
+    """Check every chunk's shards and write manifest.json (atomically, last)."""
+    out = Path(cfg.out)
+    splits = {s: {"num_tokens": 0, "num_documents": 0, "shards": []} for s in SPLITS}
+    skipped: dict[str, int] = {}
+    for index in range(len(chunks)):
+        if not chunk_is_done(out, index):
+            raise DatasetError(f"{out}: chunk {index} is missing or corrupt; run dlt-prep again")
+        record = json.loads(chunk_record_path(out, index).read_text())
+        for split, entry in record["shards"].items():
+            splits[split]["shards"].append(entry)
+            splits[split]["num_tokens"] += entry["num_tokens"]
+            splits[split]["num_documents"] += entry["num_documents"]
+        for reason, count in record["skipped_documents"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    if splits["train"]["num_tokens"] == 0:
+        raise DataError("data.input: no documents found in the inputs (empty corpus)")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": cfg.name,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "hash": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "file": BPE_FILE if tokenizer.name == "bpe" else None,
+        },
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "splits": {s: v for s, v in splits.items() if v["shards"]},
+        "skipped_documents": skipped,
+        "num_chunks": len(chunks),
+        "settings": settings_of(cfg),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+# --- running it all on this machine ---------------------------------------------------------
+
+
+@cache
+def _worker_state(cfg_items: tuple) -> tuple[DataConfig, list[Chunk], Tokenizer]:
+    cfg = DataConfig(**dict(cfg_items))
+    chunks = [Chunk(**c) for c in read_plan(Path(cfg.out))["chunks"]]
+    return cfg, chunks, get_tokenizer(cfg.tokenizer, cfg.out)
+
+
+def _run_one(args: tuple[tuple, int]) -> dict[str, Any]:
+    cfg_items, index = args
+    cfg, chunks, tokenizer = _worker_state(cfg_items)
+    return process_chunk(cfg, chunks, index, tokenizer)
+
+
+def _frozen(cfg: DataConfig) -> tuple:
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in asdict(cfg).items())
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_chunks(cfg: DataConfig, indices: list[int], workers: int) -> list[dict[str, Any]]:
+    """Process chunks in a pool of `workers` processes, with a progress display."""
+    items = [(_frozen(cfg), i) for i in indices]
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(items), unit="chunk", disable=not tty, dynamic_ncols=True)
+    records, text_bytes, tokens = [], 0, 0
+    start = time.perf_counter()
+    context = mp.get_context("spawn")
+    with context.Pool(workers) if workers > 1 else _InProcess() as pool:
+        for record in pool.imap_unordered(_run_one, items):
+            records.append(record)
+            if not record["skipped"]:
+                text_bytes += record["input_bytes"] or 0
+                tokens += sum(e["num_tokens"] for e in record["shards"].values())
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            rate = f"{text_bytes / elapsed / 2**20:.1f} MB/s, {tokens / elapsed:,.0f} tok/s"
+            bar.set_postfix_str(rate, refresh=False)
+            bar.update(1)
+            if not tty:  # a plain line per chunk reads well in a SLURM log file
+                state = "skipped (intact)" if record["skipped"] else "done"
+                print(
+                    f"chunk {record['chunk']} {state} [{len(records)}/{len(items)}] {rate}",
+                    flush=True,
+                )
+    bar.close()
+    return records
+
+
+class _InProcess:
+    """A stand-in for a pool with one worker: no subprocess, easier to debug."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, items):
+        return map(fn, items)
+
+
+def run_local(cfg: DataConfig, workers: int = 0) -> dict[str, Any]:
+    """Prepare the dataset at `cfg.out` on this machine; returns the manifest."""
+    chunks = plan(cfg)
+    out = Path(cfg.out)
+    tokenizer = prepare_tokenizer(cfg, chunks)
+    todo = [i for i in range(len(chunks)) if not chunk_is_done(out, i)]
+    if todo and (out / MANIFEST).exists():
+        (out / MANIFEST).unlink()  # being repaired: must not look complete meanwhile
+    workers = workers or default_workers()
+    print(
+        f"dlt-prep: {len(chunks)} chunks, {len(chunks) - len(todo)} already done, "
+        f"{len(todo)} to do with {min(workers, max(1, len(todo)))} workers",
+        flush=True,
+    )
+    run_chunks(cfg, todo, min(workers, max(1, len(todo))))
+    return finalize(cfg, chunks, tokenizer)

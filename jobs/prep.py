@@ -1,0 +1,92 @@
+"""`dlt-prep`: tokenize a corpus into shards (`cluster=local`: a process pool on this machine)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_prep import prep
+from data_prep.config import DataConfig
+from jobs.cli import compose_config, errors_as_one_line, print_help, wants_help
+from trainer.config import ConfigError, describe_omegaconf_error
+
+USAGE = "data=<preset> [data.input=PATH ...] [tokenizer=gpt2|bpe|bytes] [data.out=DIR]"
+PHASES = ("all", "plan", "chunks", "finalize")
+
+
+@dataclass
+class PrepConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: str | None = None
+    workers: int = 0
+    phase: str = "all"
+    chunks: str | None = None
+
+
+def parse(argv: list[str]) -> PrepConfig:
+    composed = compose_config("prep", argv)
+    composed = OmegaConf.masked_copy(composed, [k for k in composed if k != "cluster"])
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), composed))
+    except OmegaConfBaseException as err:
+        raise ConfigError(describe_omegaconf_error(err)) from None
+    if cfg.phase not in PHASES:
+        raise ConfigError(f"phase={cfg.phase!r}: expected one of {', '.join(PHASES)}")
+    if cfg.workers < 0:
+        raise ConfigError(f"workers={cfg.workers}: must be >= 0 (0 = all cores)")
+    if cfg.tokenizer:
+        cfg.data.tokenizer = cfg.tokenizer
+    return cfg
+
+
+def chunk_range(spec: str | None, n: int) -> list[int]:
+    if spec is None:
+        return list(range(n))
+    try:
+        start, _, end = spec.partition(":")
+        indices = range(int(start or 0), min(n, int(end or n)))
+    except ValueError:
+        raise ConfigError(f"chunks={spec!r}: expected START:END chunk indices") from None
+    return list(indices)
+
+
+def run(cfg: PrepConfig) -> None:
+    data = cfg.data
+    if cfg.phase == "all":
+        manifest = prep.run_local(data, cfg.workers)
+        train = manifest["splits"]["train"]
+        print(
+            f"dlt-prep: wrote {Path(data.out) / 'manifest.json'}: {train['num_tokens']:,} "
+            f"training tokens in {len(train['shards'])} shards, tokenizer "
+            f"{manifest['tokenizer']['name']} ({manifest['tokenizer']['vocab_size']} ids)"
+        )
+        return
+    chunks = prep.plan(data)
+    if cfg.phase == "plan":
+        prep.prepare_tokenizer(data, chunks)
+        print(f"dlt-prep: planned {len(chunks)} chunks in {data.out}")
+    elif cfg.phase == "chunks":
+        prep.prepare_tokenizer(data, chunks)
+        prep.run_chunks(
+            data, chunk_range(cfg.chunks, len(chunks)), cfg.workers or prep.default_workers()
+        )
+    else:
+        prep.finalize(data, chunks, prep.prepare_tokenizer(data, chunks))
+        print(f"dlt-prep: wrote {Path(data.out) / 'manifest.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print_help("dlt-prep", "prep", USAGE)
+        return
+    with errors_as_one_line("dlt-prep"):
+        run(parse(argv))
+
+
+if __name__ == "__main__":
+    main()
