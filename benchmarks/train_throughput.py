@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
+from benchmarks.common import append_results
 from jobs.cli import compose_config, to_plain
 from trainer.config import load_config
 from trainer.train import run
-
-RESULTS = Path(__file__).with_name("results.md")
 
 
 def measure(model: str, precision: str, steps: int, micro_batch: int, extra: list[str]) -> dict:
@@ -32,6 +27,7 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
             f"model={model}",
             f"precision={precision}",
             f"run.dir={tmp}",
+            "data=dummy",
             f"train.max_steps={2 * steps}",
             f"train.micro_batch_size={micro_batch}",
             f"log.interval={steps}",
@@ -52,12 +48,6 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
         "mfu": measured["mfu"],
         "memory_gib": measured["memory_gib"],
     }
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,17 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.no_write:
         return
-    header = (
-        f"\n## Training throughput — {time.strftime('%Y-%m-%d')}\n\n"
-        f"- device: {device_name()}; torch {torch.__version__}; Python {platform.python_version()}\n"
-        f"- command: `python -m benchmarks.train_throughput {' '.join(sys.argv[1:])}`\n"
-        f"- {args.steps} warm-up + {args.steps} measured steps per case; memory on CPU is the "
-        "process's peak resident set size\n\n"
+    append_results(
+        "Training throughput",
+        f"python -m benchmarks.train_throughput {' '.join(sys.argv[1:])}",
+        f"{args.steps} warm-up + {args.steps} measured steps per case; memory on CPU is the "
+        "process's peak resident set size",
+        table,
     )
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`.\n")
-    with open(RESULTS, "a") as f:
-        f.write(header + table + "\n")
 
 
 if __name__ == "__main__":

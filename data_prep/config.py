@@ -20,6 +20,7 @@ class DataConfig:
     path: str | None = None  # the shard dataset the trainer reads
     tokenizer: str | None = "bytes"  # gpt2 | bpe | bytes; null: whatever the dataset used
     vocab_size: int | None = 257  # ids in the data are below this; null: from the dataset
+    tokenizer_hash: str | None = None  # filled from the dataset's manifest by the trainer
     dummy_branching: int = 4  # dummy: each token has this many possible successors
 
     # --- dlt-prep: how the dataset at `out` is made ---

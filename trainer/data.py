@@ -128,6 +128,7 @@ def resolve_dataset(cfg: Config) -> dict | None:
             f"data.vocab_size={cfg.data.vocab_size} but {where} has {tok['vocab_size']} ids"
         )
     cfg.data.tokenizer, cfg.data.vocab_size = tok["name"], tok["vocab_size"]
+    cfg.data.tokenizer_hash = tok["hash"]
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tok["vocab_size"]
     elif cfg.model.vocab_size < tok["vocab_size"]:

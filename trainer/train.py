@@ -74,6 +74,7 @@ def find_resume_point(cfg: Config) -> Path | None:
 
 
 def check_same_model(cfg: Config, saved: dict[str, Any], path: Path) -> None:
+    """A checkpoint continues only with the same model shape and the same tokenizer."""
     saved_model = saved["config"]["model"]
     for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         if saved_model[key] != getattr(cfg.model, key):
@@ -81,6 +82,13 @@ def check_same_model(cfg: Config, saved: dict[str, Any], path: Path) -> None:
                 f"model.{key}={getattr(cfg.model, key)} but checkpoint {path} has "
                 f"{saved_model[key]}: resume with the same model"
             )
+    saved_data = saved["config"]["data"]
+    saved_tok = (saved_data["tokenizer"], saved_data.get("tokenizer_hash"))
+    if saved_tok != (cfg.data.tokenizer, cfg.data.tokenizer_hash):
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} (hash {cfg.data.tokenizer_hash}) but checkpoint "
+            f"{path} was trained with {saved_tok[0]} (hash {saved_tok[1]}): the token ids differ"
+        )
 
 
 @torch.no_grad()
