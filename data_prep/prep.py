@@ -108,8 +108,11 @@ def plan(cfg: DataConfig) -> list[Chunk]:
             )
     chunks = plan_chunks(inputs, cfg)
     if not chunks:
-        raise DataError("data.input: the inputs are empty (no documents)")
+        names = ", ".join(s for s, _ in inputs)
+        raise DataError(f"data.input: the inputs are empty (no documents): {names}")
     out.mkdir(parents=True, exist_ok=True)
+    # A tokenizer trained for an earlier, abandoned plan must not be reused for this one.
+    (out / BPE_FILE).unlink(missing_ok=True)
     write_json_atomic(
         plan_path,
         {**signature, "format_version": FORMAT_VERSION, "chunks": [c.to_dict() for c in chunks]},
@@ -220,7 +223,8 @@ def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict
         for reason, count in record["skipped_documents"].items():
             skipped[reason] = skipped.get(reason, 0) + count
     if splits["train"]["num_tokens"] == 0:
-        raise DataError("data.input: no documents found in the inputs (empty corpus)")
+        names = ", ".join(sorted({c.source for c in chunks}))
+        raise DataError(f"data.input: no documents found in the inputs (empty corpus): {names}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,

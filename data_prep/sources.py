@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -65,10 +66,12 @@ def resolve_inputs(patterns: list[str], key: str) -> list[str]:
                 raise DataError(f"{key}: {pattern} is not a file shipped with package {package}")
             found.append(str(path))
         else:
-            matches = sorted(glob.glob(os.path.expanduser(pattern)))
+            matches = [
+                m for m in sorted(glob.glob(os.path.expanduser(pattern))) if os.path.isfile(m)
+            ]
             if not matches:
                 raise DataError(f"{key}: no file matches {pattern!r}")
-            found.extend(m for m in matches if os.path.isfile(m))
+            found.extend(matches)
     return found
 
 
@@ -125,10 +128,14 @@ def load_hf_dataset(spec: str, split: str):
     """A `datasets.Dataset` from hf:NAME (hub or local builder/folder) or hf-disk:PATH."""
     import datasets  # imported lazily: it is slow to import and only this source needs it
 
-    if spec.startswith("hf-disk:"):
-        ds = datasets.load_from_disk(spec.removeprefix("hf-disk:"))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(spec.removeprefix("hf:"), split=split)
+    try:
+        if spec.startswith("hf-disk:"):
+            ds = datasets.load_from_disk(spec.removeprefix("hf-disk:"))
+            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(spec.removeprefix("hf:"), split=split)
+    except Exception as err:  # missing folder, offline hub, bad split, ...: one clear line
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{spec}: cannot load the dataset ({message})") from None
 
 
 def plan_hf(spec: str, split: str, cfg: DataConfig) -> list[Chunk]:
@@ -234,12 +241,18 @@ def iter_documents(chunks: list[Chunk], cfg: DataConfig) -> Iterator[str]:
 
 
 def input_signature(sources: list[str]) -> list[dict]:
-    """Each input with its size and modification time, to notice inputs that changed."""
+    """Each input with its size and a hash of its first and last MiB, to notice inputs that
+    changed (a `touch` alone does not count as a change)."""
     signature = []
     for source in sources:
         if source.startswith(("hf:", "hf-disk:")):
             signature.append({"path": source})
-        else:
-            stat = Path(source).stat()
-            signature.append({"path": source, "bytes": stat.st_size, "mtime": stat.st_mtime})
+            continue
+        size = Path(source).stat().st_size
+        digest = hashlib.sha256()
+        with open(source, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+        signature.append({"path": source, "bytes": size, "ends_sha256": digest.hexdigest()})
     return signature

@@ -118,7 +118,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
     """Train a byte-level BPE (Hugging Face `tokenizers`) and return tiktoken merge ranks.
 
-    The vocabulary holds `vocab_size - 1` tokens; <|endoftext|> takes the last id.
+    The vocabulary holds at most `vocab_size - 1` tokens (fewer when the corpus has too few
+    distinct pairs to merge); <|endoftext|> takes the id after the last.
     The trainer assigns ids to the 256 bytes first and then to merges in the order they were
     learned, which is exactly tiktoken's notion of rank (lower = merged first).
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, wants_help
+from trainer import distributed
 from trainer.config import load_config
 from trainer.train import run
 
@@ -21,8 +22,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     with errors_as_one_line("dlt-train"):
         composed = compose_config("train", argv)
-        cfg = load_config(to_plain(composed, drop=("cluster",)))
-        run(cfg)
+        world_size = distributed.world_from_env().size
+        cfg = load_config(to_plain(composed, drop=("cluster",)), world_size=world_size)
+        try:
+            run(cfg)
+        finally:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Every problem becomes one :class:`ConfigError` whose message names the key.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from data_prep.config import DATA_KINDS, DataConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PP_SCHEDULES = ("gpipe", "1f1b")
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -88,10 +91,16 @@ class ParallelConfig:
     """Sizes of the device mesh; their product must equal the world size."""
 
     name: str = "single"
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
-    pp: int = 1
+    dp_replicate: int = 1  # DDP (or HSDP's replicas)
+    dp_shard: int = 1  # FSDP2
+    tp: int = 1  # tensor parallel
+    pp: int = 1  # pipeline parallel
+    # one of the four sizes may be -1: whatever makes the product equal the world size
+    ddp_bucket_mb: int = 25
+    fsdp_reshard_after_forward: bool = True  # False: ZeRO-2 style (no re-gather in backward)
+    fsdp_cpu_offload: bool = False
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b
+    pp_microbatches: int = 4  # per pipeline step; must divide train.micro_batch_size
 
     @property
     def world_size(self) -> int:
@@ -156,6 +165,20 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{key}={value!r}: expected one of {', '.join(allowed)}")
 
 
+def resolve_auto_size(p: ParallelConfig, world_size: int) -> None:
+    """Replace a mesh size of -1 by what makes the product equal the world size."""
+    auto = [d for d in MESH_DIMS if getattr(p, d) == -1]
+    _require(len(auto) <= 1, f"parallel: only one size may be -1, got {', '.join(auto)}")
+    if auto:
+        rest = math.prod(getattr(p, d) for d in MESH_DIMS if d not in auto)
+        _require(
+            rest > 0 and world_size % rest == 0,
+            f"parallel.{auto[0]}=-1: world size {world_size} is not a multiple of the other "
+            f"sizes' product {rest}",
+        )
+        setattr(p, auto[0], world_size // rest)
+
+
 def check_config(cfg: Config, world_size: int = 1) -> None:
     """Cross-field checks. Also derives `train.grad_accum` from `train.global_batch_size`."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -169,7 +192,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
     _positive(cfg, "train.micro_batch_size", "train.grad_accum")
     _positive(cfg, "train.max_steps", "train.lr", "checkpoint.keep", "log.interval")
+    resolve_auto_size(p, world_size)
     _positive(cfg, "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp")
+    _positive(cfg, "parallel.pp_microbatches", "parallel.ddp_bucket_mb")
+    _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     _require(
         m.n_embd % m.n_head == 0,
         f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",

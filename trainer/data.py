@@ -179,6 +179,7 @@ class BatchLoader:
         self.samples_consumed = 0  # by all ranks together
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def step_samples(self) -> int:
@@ -215,14 +216,16 @@ class BatchLoader:
             if self._queue is None:
                 self._queue = queue.Queue(maxsize=self.prefetch)
                 self._stop = threading.Event()
-                threading.Thread(
+                self._thread = threading.Thread(
                     target=self._produce,
                     args=(self.samples_consumed, self._queue, self._stop),
                     daemon=True,
                     name="batch-prefetch",
-                ).start()
+                )
+                self._thread.start()
             batch = self._queue.get()
             if isinstance(batch, Exception):
+                self.close()  # the producer has stopped; a retry starts a fresh one
                 raise batch
         self.samples_consumed += self.step_samples
         return batch
@@ -230,6 +233,9 @@ class BatchLoader:
     def close(self) -> None:
         """Stop the prefetch thread (a later next_batch starts a new one where this stopped)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()  # never leave it running into interpreter shutdown
+        self._thread = None
         self._queue = None
 
     def state_dict(self) -> dict[str, int]:

@@ -124,7 +124,9 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # A dict keyed "0", "1", ...: the same parameter names as a list, but a pipeline stage
+        # can drop the blocks it does not run and keep every remaining name unchanged.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
@@ -158,20 +160,28 @@ class GPT(nn.Module):
         """Logits (B, T, vocab), or the mean cross-entropy loss when `targets` are given.
 
         Targets equal to -100 are ignored. With `kv_cache`, `idx` continues the cached tokens.
+        Under pipeline parallelism a stage holds only some parts (the others are None): a
+        stage without `tok_emb` takes hidden states instead of token ids, and a stage without
+        `lm_head` returns hidden states.
         """
-        start = kv_cache[0].length if kv_cache else 0
-        T = idx.size(1)
-        if start + T > self.cfg.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}"
-            )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for i, block in enumerate(self.blocks):
+        if self.tok_emb is not None:
+            start = kv_cache[0].length if kv_cache else 0
+            T = idx.size(1)
+            if start + T > self.cfg.block_size:
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}"
+                )
+            pos = torch.arange(start, start + T, device=idx.device)
+            x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        else:
+            x = idx
+        for name, block in self.blocks.items():
             if self.activation_checkpointing and self.training and kv_cache is None:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, kv_cache[i] if kv_cache else None)
+                x = block(x, kv_cache[int(name)] if kv_cache else None)
+        if self.lm_head is None:
+            return x
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

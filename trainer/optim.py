@@ -10,8 +10,13 @@ from torch import nn
 from trainer.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorms."""
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, foreach: bool | None = None
+) -> torch.optim.AdamW:
+    """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorms.
+
+    `foreach=False` is needed under tensor parallelism, where sharded (DTensor) and replicated
+    (plain) parameters sit in the same group."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -20,7 +25,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda" and foreach is None,
+        foreach=foreach,
     )
 
 

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer import checkpoint
+from trainer import checkpoint, distributed
 from trainer.config import Config, ConfigError, load_config, to_dict
 from trainer.data import BatchLoader, build_source, resolve_dataset
 from trainer.hf import load_hf
 from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
 from trainer.model import GPT, flops_per_token
 from trainer.optim import build_optimizer, lr_at
+from trainer.parallel import ParallelModel, build_layout, check_layout, parallelize
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,9 +54,9 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
 
 
 def build_model(cfg: Config, device: torch.device) -> GPT:
+    """The whole model, identically initialised on every rank (same seed)."""
     torch.manual_seed(cfg.train.seed)
     model = load_hf(cfg.model.init_from, cfg.model) if cfg.model.init_from else GPT(cfg.model)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
     return model.to(device)
 
 
@@ -92,45 +93,52 @@ def check_same_model(cfg: Config, saved: dict[str, Any], path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device) -> float:
+def evaluate(pm: ParallelModel, cfg: Config, device: torch.device) -> float:
     """Mean loss over the first `eval.steps` validation batches (the same ones every time)."""
-    loader = BatchLoader(build_source(cfg, "val"), cfg.train.micro_batch_size)
-    was_training = model.training
-    model.eval()
-    total = 0.0
+    loader = BatchLoader(
+        build_source(cfg, "val"),
+        cfg.train.micro_batch_size,
+        pm.layout.dp_rank,
+        cfg.parallel.dp_size,
+    )
+    pm.module.eval()
+    total = torch.zeros(2, device=device)  # (sum of losses, number of losses)
     for _ in range(cfg.eval.steps):
         x, y = (t.to(device) for t in loader.next_batch())
-        with autocast(cfg, device):
-            total += model(x, y).item()
-    model.train(was_training)
-    return total / cfg.eval.steps
+        loss = pm.eval_loss(x, y, autocast(cfg, device))
+        if loss is not None:
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+    pm.module.train()
+    loss_sum, count = distributed.all_reduce_sum(total).tolist()
+    return loss_sum / count
 
 
 def train_step(
-    model: torch.nn.Module,
+    pm: ParallelModel,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     loader: BatchLoader,
     cfg: Config,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `grad_accum` micro-batches. Returns (loss, grad norm)."""
+    """One optimizer step over `grad_accum` micro-batches.
+
+    Returns (this rank's summed micro-batch losses and how many there were, grad norm)."""
     t = cfg.train
-    loss_sum = torch.zeros((), device=device)
-    for _ in range(t.grad_accum):
+    loss_and_count = torch.zeros(2, device=device)
+    for micro in range(t.grad_accum):
         x, y = (b.to(device, non_blocking=True) for b in loader.next_batch())
-        with autocast(cfg, device):
-            loss = model(x, y) / t.grad_accum  # so the summed gradients are the step's mean
-        scaler.scale(loss).backward()
-        loss_sum += loss.detach()
+        # Gradients are synchronised across data-parallel ranks on the last micro-batch only.
+        loss = pm.forward_backward(x, y, micro == t.grad_accum - 1, scaler, autocast(cfg, device))
+        if loss is not None:
+            loss_and_count += torch.stack([loss.float(), torch.ones((), device=device)])
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    pm.after_backward()
+    grad_norm = pm.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
     scaler.step(optimizer)  # fp16: skipped when gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_and_count, grad_norm
 
 
 def run(
@@ -138,45 +146,62 @@ def run(
 ) -> RunResult:
     """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened.
 
-    `stop_requested(step)` is asked after every optimizer step; when it returns True the run
-    saves a checkpoint and returns early (this is how preemption stops a run).
+    Runs as one process or as one rank of a `torchrun` job (the layout comes from
+    `cfg.parallel`). `stop_requested(step)` is asked after every optimizer step; when it returns
+    True on any rank, every rank saves a checkpoint and returns (how preemption stops a run).
     """
-    cfg = load_config(cfg, world_size=1)
+    cfg = load_config(cfg, world_size=distributed.world_from_env().size)
+    check_layout(cfg)
+    world, device = distributed.init(cfg.device)
     manifest = resolve_dataset(cfg)
     t = cfg.train
-    device = pick_device(cfg.device)
     run_dir = Path(cfg.run.dir)
     resume_from = find_resume_point(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
 
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, t, device)
+    layout = build_layout(cfg, device.type, world.size)
+    full_model = build_model(cfg, device)
+    n_params = full_model.num_params()
+    pm = parallelize(full_model, cfg, layout, device)
+    optimizer = build_optimizer(
+        pm.module, t, device, foreach=False if cfg.parallel.tp > 1 else None
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     loader = BatchLoader(
-        build_source(cfg, "train"), t.micro_batch_size, prefetch=2, pin_memory=device.type == "cuda"
+        build_source(cfg, "train"),
+        t.micro_batch_size,
+        layout.dp_rank,
+        cfg.parallel.dp_size,
+        prefetch=2,
+        pin_memory=device.type == "cuda",
     )
 
     step, elapsed_before = 0, 0.0
     if resume_from is not None:
         check_same_model(cfg, checkpoint.read_trainer_state(resume_from), resume_from)
-        saved = checkpoint.load(resume_from, model, optimizer)
+        saved = checkpoint.load(resume_from, pm.module, optimizer)
         step, elapsed_before = saved["step"], saved["elapsed_s"]
         loader.load_state_dict(saved["data"])
         if saved["grad_scaler"] and scaler.is_enabled():
             scaler.load_state_dict(saved["grad_scaler"])
 
-    log = MetricsLogger(run_dir, t.max_steps, step, enabled=True, progress=cfg.log.progress)
-    n_params = model.num_params()
-    tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.model.block_size
+    log = MetricsLogger(
+        run_dir, t.max_steps, step, enabled=world.is_main, progress=cfg.log.progress
+    )
+    tokens_per_step = (
+        t.micro_batch_size * t.grad_accum * cfg.parallel.dp_size * cfg.model.block_size
+    )
     flops_per_step = flops_per_token(cfg.model, n_params) * tokens_per_step
     peak = peak_tflops(device, cfg.log.peak_tflops)
+    p = cfg.parallel
     log.print(
-        f"run {run_dir} | model {n_params / 1e6:.2f}M params | device {device} | "
+        f"run {run_dir} | model {n_params / 1e6:.2f}M params | {world.size} x {device.type} | "
+        f"mesh pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} | "
         f"precision {cfg.precision} | {tokens_per_step:,} tokens/step | "
         + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start")
     )
-    train_model = torch.compile(model) if t.compile else model  # checkpoints use `model`
     result = RunResult(run_dir, step, resume_from)
     # A trained tokenizer travels inside every checkpoint, so generation needs nothing else.
     tokenizer_file = manifest and manifest["tokenizer"]["file"]
@@ -191,19 +216,20 @@ def run(
             "grad_scaler": scaler.state_dict(),
             "elapsed_s": elapsed_before + time.perf_counter() - start_time,
             "config": to_dict(cfg),
+            "world_size": world.size,
             "torch_version": torch.__version__,
         }
         result.last_checkpoint = checkpoint.save(
-            run_dir, step, model, optimizer, state, keep=cfg.checkpoint.keep, extra_files=extra
+            run_dir, step, pm.module, optimizer, state, keep=cfg.checkpoint.keep, extra_files=extra
         )
         log.print(f"checkpoint saved: {result.last_checkpoint}")
 
-    model.train()
+    pm.module.train()
     while step < t.max_steps:
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, grad_norm = train_step(train_model, optimizer, scaler, loader, cfg, device)
+        loss_and_count, grad_norm = train_step(pm, optimizer, scaler, loader, cfg, device)
         step += 1
         window_steps += 1
         log.advance()
@@ -211,24 +237,34 @@ def run(
         last = step == t.max_steps
         eval_due = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
         if step % cfg.log.interval == 0 or last or eval_due:
-            record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
-            now = time.perf_counter()  # after .item(): the device has finished the window
+            loss_sum, count = distributed.all_reduce_sum(loss_and_count).tolist()
+            record = {
+                "step": step,
+                "loss": loss_sum / count,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+            }
+            now = time.perf_counter()  # after the collectives: the window's work is done
             step_time = (now - window_start) / window_steps
+            memory = memory_per_rank(pm.module, optimizer, device)
             record |= {
                 "tokens_per_s": tokens_per_step / step_time,
-                "mfu": flops_per_step / step_time / (peak * 1e12) if peak else None,
-                "memory_gib": peak_memory_gib(device),
+                "tokens_per_s_per_device": tokens_per_step / step_time / world.size,
+                "mfu": flops_per_step / step_time / world.size / (peak * 1e12) if peak else None,
+                **memory,
                 "tokens": step * tokens_per_step,
                 "elapsed_s": elapsed_before + now - start_time,
             }
             result.losses[step] = record["loss"]
             if eval_due:
-                record["val_loss"] = evaluate(model, cfg, device)
+                record["val_loss"] = evaluate(pm, cfg, device)
                 record["val_ppl"] = perplexity(record["val_loss"])
             log.log(record)
             window_start, window_steps = time.perf_counter(), 0
 
         stop = stop_requested is not None and stop_requested(step)
+        if world.size > 1 and stop_requested is not None:
+            stop = distributed.broadcast_flag(stop, device)  # every rank stops at the same step
         if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             save()
         if stop:
@@ -238,3 +274,27 @@ def run(
     loader.close()
     log.close()
     return result
+
+
+def memory_per_rank(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> dict[str, float]:
+    """Peak device memory and the bytes of parameters + gradients + optimizer state held by
+    this rank (sharded tensors count only their local shard); the maximum over ranks."""
+
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(module.parameters())
+    state = sum(local_bytes(p) for p in params)
+    state += sum(local_bytes(p.grad) for p in params if p.grad is not None)
+    state += sum(
+        local_bytes(v)
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+    values = torch.tensor([peak_memory_gib(device), state / 2**30], device=device)
+    peak, state_gib = distributed.all_reduce_max(values).tolist()
+    return {"memory_gib": peak, "state_gib": state_gib}

@@ -1,0 +1,86 @@
+"""Process group set-up: who am I, how many are we, which device is mine.
+
+`torchrun` starts one process per device and describes the job in environment variables; `init()` turns them into a process group: NCCL between GPUs,
+gloo on CPU. A plain `python` run is a world of one and creates no process group at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE, or a world of one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return World(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
+        )
+    return World()
+
+
+def init(device_name: str = "auto") -> tuple[World, torch.device]:
+    """Join the job's process group (if there is more than one process) and pick our device."""
+    world = world_from_env()
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # Several ranks on one CPU: share its cores instead of each using all of them.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if world.local_size > 1:
+            torch.set_num_threads(max(1, cores // world.local_size))
+    if world.size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=world.rank,
+            world_size=world.size,
+            device_id=device if use_cuda else None,
+        )
+    return world, device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over every rank (a no-op in a world of one)."""
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any rank (one all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_max(t).item() > 0)

@@ -1,0 +1,146 @@
+"""Parallelism as small functions applied to one model on one device mesh.
+
+`parallelize()` applies, in this order, whatever the `parallel` config asks for:
+
+    pipeline split (pp) -> tensor parallel (tp) -> activation checkpointing -> compile
+    -> FSDP2 (dp_shard, with dp_replicate: HSDP) or DDP (dp_replicate only)
+
+and returns a :class:`ParallelModel`: the training loop calls `forward_backward` per
+micro-batch and `clip_grad_norm`, whatever the layout. See docs/parallelism.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from trainer.config import Config
+from trainer.model import GPT
+from trainer.parallel.ddp import apply_ddp, set_ddp_sync
+from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
+from trainer.parallel.mesh import Layout, build_layout, check_layout
+from trainer.parallel.pipeline import (
+    build_schedule,
+    split_model,
+    sync_tied_grads,
+    tied_weight,
+    tied_weight_group,
+)
+from trainer.parallel.tensor_parallel import apply_tp
+
+__all__ = ["Layout", "ParallelModel", "build_layout", "check_layout", "parallelize"]
+
+
+@dataclass
+class ParallelModel:
+    """The model as this rank holds it, and how to run a micro-batch through it."""
+
+    module: nn.Module  # what the optimizer and checkpoints see (no DDP wrapper)
+    layout: Layout
+    wrapped: nn.Module  # what forward runs (DDP-wrapped, or the same module)
+    schedule: object | None = None  # pipeline schedule (pp > 1)
+    tied_group: dist.ProcessGroup | None = None
+    grad_accum: int = 1  # losses are divided by it, so accumulated gradients are a mean
+    set_sync: Callable[[bool], None] = field(default=lambda sync: None)
+
+    def forward_backward(self, x, y, sync: bool, scaler, autocast) -> torch.Tensor | None:
+        """One micro-batch: forward, backward, gradients accumulate. Returns the mean loss on
+        ranks that compute it (all but the non-last pipeline stages), else None.
+
+        `sync=False` skips the gradient all-reduce / reduce-scatter (accumulation steps)."""
+        self.set_sync(sync)
+        if self.schedule is None:
+            with autocast:
+                loss = self.wrapped(x, y)
+            scaler.scale(loss / self.grad_accum).backward()
+            return loss.detach()
+        losses: list[torch.Tensor] = []
+        with autocast:
+            self._run_pipeline(x, y, losses, train=True)
+        if not losses:
+            return None
+        return torch.stack(losses).mean().detach() * self.grad_accum
+
+    @torch.no_grad()
+    def eval_loss(self, x, y, autocast) -> torch.Tensor | None:
+        if self.schedule is None:
+            with autocast:
+                return self.wrapped(x, y).detach()
+        losses: list[torch.Tensor] = []
+        with autocast:
+            self._run_pipeline(x, y, losses, train=False)
+        return torch.stack(losses).mean() * self.grad_accum if losses else None
+
+    def _run_pipeline(self, x, y, losses: list, train: bool) -> None:
+        run = self.schedule.step if train else self.schedule.eval
+        args = (x,) if self.layout.is_first_stage else ()
+        target = y if self.layout.is_last_stage else None
+        run(*args, target=target, losses=losses)
+
+    def after_backward(self) -> None:
+        """Work between the last backward and the optimizer step (tied-weight gradients)."""
+        if self.tied_group is not None:
+            sync_tied_grads(self.module, self.tied_group)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm of the *whole* model's gradient, whichever rank holds which part."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.tied_group is not None and self.module.tok_emb is None:
+            # The last stage's copy of the tied weight was counted on the first stage already.
+            tied = tied_weight(self.module)
+            grads = [g for g in grads if tied is None or g is not tied.grad]
+        squares = torch.zeros((), device=grads[0].device if grads else "cpu")
+        by_layout: dict[tuple, list[DTensor]] = {}
+        for g in grads:
+            if isinstance(g, DTensor):
+                by_layout.setdefault((g.device_mesh, g.placements), []).append(g)
+            else:  # replicated (single, DDP, or TP's replicated layers): the local norm
+                squares = squares + g.detach().float().norm() ** 2
+        for group in by_layout.values():  # sharded: DTensor reduces across the shards
+            norm = torch.nn.utils.get_total_norm(group)
+            squares = squares + norm.full_tensor().float() ** 2
+        if self.layout.mesh is not None and self.layout.mesh["pp"].size() > 1:
+            dist.all_reduce(squares, group=self.layout.mesh["pp"].get_group())
+        total = squares.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in self.module.parameters():
+            if p.grad is not None:  # scale each rank's local piece; no sync with the host
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                grad.mul_(coef)
+        return total
+
+
+def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -> ParallelModel:
+    """Apply the configured parallelism to `model` (already on `device`) for this rank."""
+    p, t = cfg.parallel, cfg.train
+    mesh = layout.mesh
+    if mesh is not None and p.pp > 1:
+        model = split_model(model, p.pp, layout.pp_rank)
+    if mesh is not None and p.tp > 1:
+        apply_tp(model, mesh["tp"])
+    model.activation_checkpointing = t.activation_checkpointing
+    if t.compile:
+        for block in model.blocks.values():
+            block.compile()  # in place: parameter names stay the same
+    wrapped: nn.Module = model
+    set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
+    if mesh is not None and p.dp_shard > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
+        param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        apply_fsdp(model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype, p.fsdp_cpu_offload)
+        set_sync = lambda sync: set_fsdp_sync(model, sync)  # noqa: E731
+    elif mesh is not None and p.dp_replicate > 1:
+        wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb)
+        set_sync = lambda sync: set_ddp_sync(wrapped, sync)  # noqa: E731
+    result = ParallelModel(model, layout, wrapped, grad_accum=t.grad_accum, set_sync=set_sync)
+    if mesh is not None and p.pp > 1:
+        result.schedule = build_schedule(
+            wrapped, mesh["pp"], device, p.pp_microbatches, p.pp_schedule, t.grad_accum
+        )
+        result.tied_group = tied_weight_group(mesh)
+    return result

@@ -1,0 +1,100 @@
+"""Pipeline parallelism: consecutive blocks on different ranks, micro-batches flowing through.
+
+Stage 0 holds the embeddings and the first blocks, the last stage the last blocks, the final
+LayerNorm and the output layer. Each step's batch is cut into `pp_microbatches` micro-batches;
+activations travel forward stage to stage (send/recv) and gradients travel back:
+
+    GPipe: all forwards, then all backwards        (activation memory: every micro-batch)
+    1F1B:  after a warm-up, one forward, one backward (activation memory: ~pp micro-batches)
+
+The idle "bubble" is about (pp - 1) / (microbatches + pp - 1) of the step.
+
+GPT-2 ties the output layer to the token embedding, but they now live on the first and the
+last stage. Each keeps its own copy (equal at the start); after every backward their
+gradients are summed across the two stages, so both copies take identical steps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from trainer.model import GPT
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def stage_blocks(n_layer: int, pp: int, stage: int) -> list[str]:
+    """Names of the blocks of `stage`: an even split, earlier stages taking the remainder."""
+    per, extra = divmod(n_layer, pp)
+    start = stage * per + min(stage, extra)
+    return [str(i) for i in range(start, start + per + (stage < extra))]
+
+
+def split_model(model: GPT, pp: int, stage: int) -> GPT:
+    """A copy of `model` with only what `stage` runs; parameter names are unchanged."""
+    part = copy.deepcopy(model)
+    keep = set(stage_blocks(model.cfg.n_layer, pp, stage))
+    for name in list(part.blocks):
+        if name not in keep:
+            del part.blocks[name]
+    if stage != 0:
+        part.tok_emb = part.pos_emb = part.drop = None
+    if stage != pp - 1:
+        part.ln_f = part.lm_head = None
+    return part
+
+
+def build_schedule(
+    stage_module: nn.Module,
+    pp_mesh: DeviceMesh,
+    device: torch.device,
+    microbatches: int,
+    schedule: str,
+    grad_accum: int,
+):
+    stage = PipelineStage(
+        stage_module, pp_mesh.get_local_rank(), pp_mesh.size(), device, group=pp_mesh.get_group()
+    )
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+        return loss / grad_accum  # accumulated gradients are a mean over the whole step
+
+    # scale_grads: gradients are averaged over the micro-batches, as one big batch would be.
+    return SCHEDULES[schedule](stage, microbatches, loss_fn=loss_fn, scale_grads=True)
+
+
+def tied_weight_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
+    """The group of this rank's first and last pipeline stage (for the tied embedding)."""
+    grid = mesh.mesh  # ranks, shaped (pp, dp_replicate, dp_shard, tp)
+    mine = None
+    for column in grid.flatten(1).t().tolist():  # one column per (replicate, shard, tp)
+        group = dist.new_group([column[0], column[-1]])  # every rank creates every group
+        if dist.get_rank() in (column[0], column[-1]):
+            mine = group
+    return mine
+
+
+def tied_weight(stage_module: GPT) -> nn.Parameter | None:
+    if stage_module.tok_emb is not None:
+        return stage_module.tok_emb.weight
+    if stage_module.lm_head is not None:
+        return stage_module.lm_head.weight
+    return None
+
+
+def sync_tied_grads(stage_module: GPT, group: dist.ProcessGroup | None) -> None:
+    """Sum the tied embedding's gradient over the first and last stage."""
+    weight = tied_weight(stage_module)
+    if group is None or weight is None or weight.grad is None:
+        return
+    grad = weight.grad
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    dist.all_reduce(local, group=group)

@@ -1,0 +1,38 @@
+"""Tensor parallelism (Megatron-style) with DTensor: each layer's matrices split across ranks.
+
+In every block:
+
+    attention: q, k, v  ColwiseParallel  -> each rank computes n_head / tp heads
+               o_proj   RowwiseParallel  -> partial sums, all-reduced into the full output
+    MLP:       fc       ColwiseParallel  -> each rank computes 4*d / tp hidden units
+               proj     RowwiseParallel  -> all-reduce
+
+So one all-reduce after attention and one after the MLP per block in forward (and two in
+backward). Embeddings, LayerNorms and the (tied) output layer stay replicated: every rank
+computes them in full, and their gradients come out identical on every rank.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+BLOCK_PLAN = {
+    "attn.q_proj": ColwiseParallel(),
+    "attn.k_proj": ColwiseParallel(),
+    "attn.v_proj": ColwiseParallel(),
+    "attn.o_proj": RowwiseParallel(),
+    "mlp.fc": ColwiseParallel(),
+    "mlp.proj": RowwiseParallel(),
+}
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    for block in model.blocks.values():
+        parallelize_module(block, tp_mesh, BLOCK_PLAN)
+    return model
