@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import random
 import signal
 import subprocess

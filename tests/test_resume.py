@@ -127,3 +127,15 @@ def test_explicit_resume_path_continues_in_a_new_run_dir(tiny):
     ckpt = str(Path(first["run"]["dir"]) / "checkpoints" / "step_2")
     second = run(tiny("second", resume=ckpt))
     assert second.losses == {k: v for k, v in whole.losses.items() if k > 2}
+
+
+def test_async_checkpoints_resume_exactly(tiny):
+    """Checkpoints written in the background are complete and resume bitwise exactly."""
+    whole = run(tiny("whole"))
+    cfg = tiny("async", checkpoint={"interval": 2, "async_save": True})
+    first = run(cfg, stop_requested=lambda step: step == 3)
+    run_dir = Path(cfg["run"]["dir"])
+    assert [p.name for p in checkpoint.list_complete(run_dir)] == ["step_2", "step_3"]
+    assert first.last_checkpoint.name == "step_3"
+    second = run(cfg)
+    assert {**first.losses, **second.losses} == whole.losses

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ class CheckpointError(RuntimeError):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+_ASYNC_GROUP: list = []
+
+
+def _async_group() -> dist.ProcessGroup | None:
+    """A process group of its own for background saves: their collectives must not interleave
+    with the training's on the default group (that deadlocks)."""
+    if not dist.is_initialized():
+        return None
+    if not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[0]
 
 
 def _barrier() -> None:
@@ -203,6 +217,72 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 
 
+@dataclass
+class PendingSave:
+    """A checkpoint being written; `wait()` finishes it (collective: every rank calls it)."""
+
+    run_dir: Path
+    step: int
+    tmp: Path
+    final: Path
+    trainer_state: dict[str, Any]
+    keep: int
+    extra_files: list[Path]
+    future: Any = None  # from dcp.async_save; None once written
+
+    def wait(self) -> Path:
+        if self.future is not None:
+            self.future.result()  # this rank's files are written
+            self.future = None
+        _barrier()  # ... and every other rank's
+        if _rank() == 0 and not is_complete(self.final):
+            state = {"format_version": FORMAT_VERSION, **self.trainer_state}
+            _write_json_atomic(self.tmp / TRAINER_STATE, state)
+            for extra in self.extra_files:
+                shutil.copyfile(extra, self.tmp / Path(extra).name)
+            os.replace(self.tmp, self.final)
+            files = _list_files(self.final)
+            _write_json_atomic(self.final / COMPLETE_MARK, {"step": self.step, "files": files})
+            prune(self.run_dir, self.keep)
+        _barrier()
+        return self.final
+
+
+def start_save(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+    extra_files: list[Path] = (),
+    asynchronous: bool = False,
+) -> PendingSave:
+    """Begin checkpoint `step_<step>` (collective). With `asynchronous`, DCP copies the state
+    to CPU memory now and writes the files in a background thread while training goes on;
+    the checkpoint becomes visible only when `wait()` has run on every rank.
+
+    `extra_files` (e.g. the tokenizer) are copied in next to the state.
+    """
+    root = checkpoints_root(run_dir)
+    final = root / f"step_{step}"
+    tmp = root / f".step_{step}.tmp"
+    pending = PendingSave(Path(run_dir), step, tmp, final, trainer_state, keep, list(extra_files))
+    if is_complete(final):  # e.g. preempted again right after resuming from this step
+        return pending
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"app": ModelAndOptimizer(model, optimizer), f"rng_rank{_rank()}": rng_state()}
+    if asynchronous:
+        pending.future = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group())
+    else:
+        dcp.save(state, checkpoint_id=tmp)
+    return pending
+
+
 def save(
     run_dir: str | Path,
     step: int,
@@ -212,31 +292,9 @@ def save(
     keep: int,
     extra_files: list[Path] = (),
 ) -> Path:
-    """Write checkpoint `step_<step>` (collective: every rank calls it) and prune old ones.
-
-    `extra_files` (e.g. the tokenizer) are copied in next to the state.
-    """
-    root = checkpoints_root(run_dir)
-    final = root / f"step_{step}"
-    if is_complete(final):  # e.g. preempted again right after resuming from this step
-        return final
-    tmp = root / f".step_{step}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = {"app": ModelAndOptimizer(model, optimizer), f"rng_rank{_rank()}": rng_state()}
-    dcp.save(state, checkpoint_id=tmp)
-    if _rank() == 0:
-        _write_json_atomic(tmp / TRAINER_STATE, {"format_version": FORMAT_VERSION, **trainer_state})
-        for extra in extra_files:
-            shutil.copyfile(extra, tmp / Path(extra).name)
-        os.replace(tmp, final)
-        _write_json_atomic(final / COMPLETE_MARK, {"step": step, "files": _list_files(final)})
-        prune(run_dir, keep)
-    _barrier()
-    return final
+    """Write checkpoint `step_<step>` now (collective) and prune old ones."""
+    pending = start_save(run_dir, step, model, optimizer, trainer_state, keep, extra_files)
+    return pending.wait()
 
 
 def prune(run_dir: str | Path, keep: int) -> None:

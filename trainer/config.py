@@ -71,6 +71,7 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = 0  # 0: only at the end of the run
     keep: int = 3
+    async_save: bool = False  # write in the background while training continues
 
 
 @dataclass

@@ -53,7 +53,8 @@ def init(device_name: str = "auto") -> tuple[World, torch.device]:
             torch.set_num_threads(max(1, cores // world.local_size))
     if world.size > 1 and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            # gloo next to NCCL: asynchronous checkpoints coordinate on the CPU.
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             rank=world.rank,
             world_size=world.size,
             device_id=device if use_cuda else None,

@@ -209,7 +209,18 @@ def run(
     start_time = window_start = time.perf_counter()
     window_steps = 0
 
+    pending: checkpoint.PendingSave | None = None
+
+    def finish_pending_save() -> None:
+        nonlocal pending
+        if pending is not None:
+            result.last_checkpoint = pending.wait()
+            log.print(f"checkpoint saved: {result.last_checkpoint}")
+            pending = None
+
     def save() -> None:
+        nonlocal pending
+        finish_pending_save()  # one checkpoint in flight at a time
         state = {
             "step": step,
             "data": loader.state_dict(),
@@ -219,10 +230,18 @@ def run(
             "world_size": world.size,
             "torch_version": torch.__version__,
         }
-        result.last_checkpoint = checkpoint.save(
-            run_dir, step, pm.module, optimizer, state, keep=cfg.checkpoint.keep, extra_files=extra
+        pending = checkpoint.start_save(
+            run_dir,
+            step,
+            pm.module,
+            optimizer,
+            state,
+            cfg.checkpoint.keep,
+            extra,
+            asynchronous=cfg.checkpoint.async_save,
         )
-        log.print(f"checkpoint saved: {result.last_checkpoint}")
+        if not cfg.checkpoint.async_save:
+            finish_pending_save()
 
     pm.module.train()
     while step < t.max_steps:
@@ -270,6 +289,7 @@ def run(
         if stop:
             log.print(f"stopping early at step {step} (requested)")
             break
+    finish_pending_save()
     result.step = step
     loader.close()
     log.close()

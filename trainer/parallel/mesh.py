@@ -59,6 +59,11 @@ def check_layout(cfg: Config) -> None:
             "parallel: tensor parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
             "supported; shard instead (dp_shard>1, i.e. FSDP or HSDP)"
         )
+    if p.pp > 1 and p.dp_replicate > 1 and p.dp_shard == 1:
+        raise ConfigError(
+            "parallel: pipeline parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
+            "supported; use dp_shard (FSDP) for the data-parallel part"
+        )
     sharded = p.dp_shard > 1 or p.tp > 1 or p.pp > 1
     if cfg.precision == "fp16" and sharded:
         raise ConfigError("precision=fp16 works with single/DDP layouts only; use bf16")
