@@ -111,3 +111,38 @@ def test_cli_error_from_a_real_process_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "dlt-train: error: model.n_head=5 must divide model.n_embd=192"
     ]
+
+
+@pytest.mark.parametrize("preset", ["ddp", "fsdp", "zero2", "hsdp", "tp", "pp", "fsdp_tp", "3d"])
+def test_every_parallel_preset_takes_every_parallel_key(preset):
+    """Presets extend `single`, so any key can be overridden on any preset."""
+    composed = compose_config(
+        "train",
+        [
+            "data=dummy",
+            f"parallel={preset}",
+            "parallel.fsdp_cpu_offload=true",
+            "parallel.ddp_bucket_mb=50",
+            "parallel.pp_schedule=gpipe",
+        ],
+    )
+    assert composed.parallel.name == preset and composed.parallel.ddp_bucket_mb == 50
+
+
+@pytest.mark.parametrize("preset", ["sample", "tinystories", "openwebtext", "dummy"])
+def test_every_data_preset_takes_every_data_key(preset):
+    composed = compose_config(
+        "train", [f"data={preset}", "data.val_fraction=0.1", "data.chunk_mb=4", "data.hf_split=x"]
+    )
+    assert composed.data.name == preset and composed.data.chunk_mb == 4
+
+
+def test_auto_mesh_size_fills_the_world():
+    cfg = load_config(
+        {"data": {"kind": "dummy"}, "parallel": {"dp_shard": -1, "tp": 2}}, world_size=8
+    )
+    assert (cfg.parallel.dp_shard, cfg.parallel.tp) == (4, 2)
+    with pytest.raises(ConfigError, match="only one size may be -1"):
+        load_config({"parallel": {"dp_shard": -1, "tp": -1}}, world_size=4)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        load_config({"parallel": {"dp_shard": -1, "tp": 3}}, world_size=4)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.model import GPT
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
@@ -129,6 +129,8 @@ def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -
             block.compile()  # in place: parameter names stay the same
     wrapped: nn.Module = model
     set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
+    if p.fsdp_cpu_offload and device.type != "cuda":
+        raise ConfigError("parallel.fsdp_cpu_offload=true needs GPUs: it offloads GPU memory")
     if mesh is not None and p.dp_shard > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
         param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
