@@ -20,6 +20,7 @@ from data_prep.config import DATA_KINDS, DataConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PP_SCHEDULES = ("gpipe", "1f1b")
+WANDB_MODES = ("disabled", "offline", "online")
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
@@ -75,10 +76,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "distributed-llm-trainer"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None  # default: run.name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LogConfig:
     interval: int = 10
     progress: bool = True  # a progress bar, only when stderr is a terminal
     peak_tflops: float | None = None  # device peak for MFU; null: look it up for known GPUs
+    tensorboard: bool = False  # event files in <run>/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -212,6 +225,7 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
     _one_of("precision", cfg.precision, PRECISIONS)
+    _one_of("log.wandb.mode", cfg.log.wandb.mode, WANDB_MODES)
     _one_of("device", cfg.device, DEVICES)
     _require(
         0.0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}"

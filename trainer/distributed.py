@@ -85,3 +85,13 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any rank (one all-reduce)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_max(t).item() > 0)
+
+
+def all_gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+    """Every rank's `values`, in rank order (e.g. memory per device, for rank 0 to log)."""
+    local = torch.tensor(values, dtype=torch.float64, device=device)
+    if not dist.is_initialized():
+        return [local.tolist()]
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [g.tolist() for g in gathered]

@@ -46,9 +46,16 @@ class MetricsLogger:
     """Writes `metrics.jsonl` and console lines (rank 0 only)."""
 
     def __init__(
-        self, run_dir: Path, max_steps: int, start_step: int, enabled: bool, progress: bool
+        self,
+        run_dir: Path,
+        max_steps: int,
+        start_step: int,
+        enabled: bool,
+        progress: bool,
+        sinks: list | None = None,
     ):
         self.enabled = enabled
+        self.sinks = sinks or []  # TensorBoard / W&B (trainer.loggers)
         self.max_steps = max_steps
         self.path = run_dir / "metrics.jsonl"
         self.text_log = run_dir / "train.log"
@@ -91,11 +98,15 @@ class MetricsLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record, record["step"])
         self.print(format_line(record, self.max_steps))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def format_line(r: dict[str, Any], max_steps: int) -> str:

@@ -21,6 +21,7 @@ from trainer import checkpoint, distributed
 from trainer.config import Config, ConfigError, load_config, to_dict
 from trainer.data import BatchLoader, build_source, resolve_dataset
 from trainer.hf import load_hf
+from trainer.loggers import open_sinks
 from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
 from trainer.model import GPT, flops_per_token
 from trainer.optim import build_optimizer, lr_at
@@ -120,14 +121,18 @@ def train_step(
     loader: BatchLoader,
     cfg: Config,
     device: torch.device,
+    timer: dict[str, float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `grad_accum` micro-batches.
+    """One optimizer step over `grad_accum` micro-batches; adds the time spent waiting for
+    data to `timer["data"]`.
 
     Returns (this rank's summed micro-batch losses and how many there were, grad norm)."""
     t = cfg.train
     loss_and_count = torch.zeros(2, device=device)
     for micro in range(t.grad_accum):
+        waited = time.perf_counter()
         x, y = (b.to(device, non_blocking=True) for b in loader.next_batch())
+        timer["data"] += time.perf_counter() - waited
         # Gradients are synchronised across data-parallel ranks on the last micro-batch only.
         loss = pm.forward_backward(x, y, micro == t.grad_accum - 1, scaler, autocast(cfg, device))
         if loss is not None:
@@ -178,18 +183,21 @@ def run(
         pin_memory=device.type == "cuda",
     )
 
-    step, elapsed_before = 0, 0.0
+    step, elapsed_before, restarts, logger_ids = 0, 0.0, 0, {}
     if resume_from is not None:
         check_same_model(cfg, checkpoint.read_trainer_state(resume_from), resume_from)
         saved = checkpoint.load(resume_from, pm.module, optimizer)
         step, elapsed_before = saved["step"], saved["elapsed_s"]
+        restarts = saved.get("restarts", 0) + 1
+        logger_ids = saved.get("logger_ids", {})
         loader.load_state_dict(saved["data"])
         if saved["grad_scaler"] and scaler.is_enabled():
             scaler.load_state_dict(saved["grad_scaler"])
 
-    log = MetricsLogger(
-        run_dir, t.max_steps, step, enabled=world.is_main, progress=cfg.log.progress
-    )
+    sinks = []
+    if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
+        sinks, logger_ids = open_sinks(cfg, run_dir, step, logger_ids)
+    log = MetricsLogger(run_dir, t.max_steps, step, world.is_main, cfg.log.progress, sinks=sinks)
     tokens_per_step = (
         t.micro_batch_size * t.grad_accum * cfg.parallel.dp_size * cfg.model.block_size
     )
@@ -228,6 +236,8 @@ def run(
             "elapsed_s": elapsed_before + time.perf_counter() - start_time,
             "config": to_dict(cfg),
             "world_size": world.size,
+            "restarts": restarts,
+            "logger_ids": logger_ids,
             "torch_version": torch.__version__,
         }
         pending = checkpoint.start_save(
@@ -243,12 +253,13 @@ def run(
         if not cfg.checkpoint.async_save:
             finish_pending_save()
 
+    timer = {"data": 0.0, "checkpoint": 0.0}  # seconds in the current logging window
     pm.module.train()
     while step < t.max_steps:
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_and_count, grad_norm = train_step(pm, optimizer, scaler, loader, cfg, device)
+        loss_and_count, grad_norm = train_step(pm, optimizer, scaler, loader, cfg, device, timer)
         step += 1
         window_steps += 1
         log.advance()
@@ -273,6 +284,11 @@ def run(
                 **memory,
                 "tokens": step * tokens_per_step,
                 "elapsed_s": elapsed_before + now - start_time,
+                # where a step's time went (averages over the window, this rank's view)
+                "time_step_s": step_time,
+                "time_data_s": timer["data"] / window_steps,
+                "time_checkpoint_s": timer["checkpoint"] / window_steps,
+                "restarts": restarts,
             }
             result.losses[step] = record["loss"]
             if eval_due:
@@ -280,12 +296,15 @@ def run(
                 record["val_ppl"] = perplexity(record["val_loss"])
             log.log(record)
             window_start, window_steps = time.perf_counter(), 0
+            timer = dict.fromkeys(timer, 0.0)
 
         stop = stop_requested is not None and stop_requested(step)
         if world.size > 1 and stop_requested is not None:
             stop = distributed.broadcast_flag(stop, device)  # every rank stops at the same step
         if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-            save()
+            saving = time.perf_counter()
+            save()  # the training stall; with async_save only the copy to CPU memory
+            timer["checkpoint"] += time.perf_counter() - saving
         if stop:
             log.print(f"stopping early at step {step} (requested)")
             break
@@ -315,6 +334,9 @@ def memory_per_rank(
         for v in s.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     )
-    values = torch.tensor([peak_memory_gib(device), state / 2**30], device=device)
-    peak, state_gib = distributed.all_reduce_max(values).tolist()
-    return {"memory_gib": peak, "state_gib": state_gib}
+    per_rank = distributed.all_gather_floats([peak_memory_gib(device), state / 2**30], device)
+    return {
+        "memory_gib": max(r[0] for r in per_rank),
+        "state_gib": max(r[1] for r in per_rank),
+        "memory_gib_per_device": [round(r[0], 4) for r in per_rank],
+    }
