@@ -52,7 +52,7 @@ def make_corpus(path: Path, megabytes: float) -> int:
     return written
 
 
-def run_ours(corpus: Path, out: Path, workers: int) -> tuple[float, int]:
+def run_ours(corpus: Path, out: Path, workers: int) -> tuple[float, int, int]:
     cfg = DataConfig(
         name="bench",
         kind="shards",
@@ -63,7 +63,8 @@ def run_ours(corpus: Path, out: Path, workers: int) -> tuple[float, int]:
     )
     start = time.perf_counter()
     manifest = prep.run_local(cfg, workers)
-    return time.perf_counter() - start, manifest["splits"]["train"]["num_tokens"]
+    processes = min(workers, manifest["num_chunks"])
+    return time.perf_counter() - start, manifest["splits"]["train"]["num_tokens"], processes
 
 
 def run_baseline(corpus: Path, out: Path) -> tuple[float, int]:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         size = make_corpus(tmp / "corpus.txt", args.mb)
         mb = size / 2**20
         base_s, base_tokens = run_baseline(tmp / "corpus.txt", tmp)
-        ours_s, ours_tokens = run_ours(tmp / "corpus.txt", tmp / "shards", workers)
+        ours_s, ours_tokens, processes = run_ours(tmp / "corpus.txt", tmp / "shards", workers)
         assert ours_tokens == base_tokens, (ours_tokens, base_tokens)  # the same tokens
         windows = loader_windows_per_s(tmp / "shards")
 
