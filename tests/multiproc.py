@@ -68,16 +68,19 @@ def spawn(
         join=False,
         start_method="spawn",
     )
-    deadline = time.monotonic() + timeout_s
-    seen = progress() if progress else None
-    while not ctx.join(timeout=0.5):  # raises ProcessRaisedException if a child failed
-        if progress is not None and (now := progress()) != seen:
-            seen, deadline = now, time.monotonic() + timeout_s
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} on {world_size} processes: over {timeout_s}s")
+    try:
+        deadline = time.monotonic() + timeout_s
+        seen = progress() if progress else None
+        while not ctx.join(timeout=0.5):  # raises ProcessRaisedException if a child failed
+            if progress is not None and (now := progress()) != seen:
+                seen, deadline = now, time.monotonic() + timeout_s
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} on {world_size} processes: over {timeout_s}s")
+    finally:  # never leave a child behind (one stuck in a collective would block exit)
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 # --- workers (run in the children) ---------------------------------------------------------

@@ -26,6 +26,7 @@ from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplex
 from trainer.model import GPT, flops_per_token
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, check_layout, parallelize
+from trainer.preemption import StopOnSignal
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,6 +38,7 @@ class RunResult:
     resumed_from: Path | None
     losses: dict[int, float] = field(default_factory=dict)  # step -> training loss
     last_checkpoint: Path | None = None
+    stopped_early: str | None = None  # why the run returned before max_steps
 
 
 def pick_device(name: str) -> torch.device:
@@ -152,8 +154,9 @@ def run(
     """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened.
 
     Runs as one process or as one rank of a `torchrun` job (the layout comes from
-    `cfg.parallel`). `stop_requested(step)` is asked after every optimizer step; when it returns
-    True on any rank, every rank saves a checkpoint and returns (how preemption stops a run).
+    `cfg.parallel`). After every optimizer step the ranks agree whether to stop: on SIGUSR1 or
+    SIGTERM (a scheduler's warning), or when `stop_requested(step)` returns True on any rank,
+    every rank saves a checkpoint and returns.
     """
     cfg = load_config(cfg, world_size=distributed.world_from_env().size)
     check_layout(cfg)
@@ -254,6 +257,7 @@ def run(
             finish_pending_save()
 
     timer = {"data": 0.0, "checkpoint": 0.0}  # seconds in the current logging window
+    signals = StopOnSignal()  # preemption warning / SIGTERM: checkpoint, then return
     pm.module.train()
     while step < t.max_steps:
         lr = lr_at(step, t)
@@ -298,17 +302,20 @@ def run(
             window_start, window_steps = time.perf_counter(), 0
             timer = dict.fromkeys(timer, 0.0)
 
-        stop = stop_requested is not None and stop_requested(step)
-        if world.size > 1 and stop_requested is not None:
+        stop = signals(step) or (stop_requested is not None and stop_requested(step))
+        if world.size > 1:
             stop = distributed.broadcast_flag(stop, device)  # every rank stops at the same step
         if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             saving = time.perf_counter()
             save()  # the training stall; with async_save only the copy to CPU memory
             timer["checkpoint"] += time.perf_counter() - saving
         if stop:
-            log.print(f"stopping early at step {step} (requested)")
+            why = f"signal {signals.received.name}" if signals.received else "stop requested"
+            result.stopped_early = why
+            log.print(f"stopping at step {step} ({why}); run again to resume from here")
             break
     finish_pending_save()
+    signals.restore()
     result.step = step
     loader.close()
     log.close()

@@ -1,0 +1,39 @@
+"""Stopping on a signal without losing work.
+
+A cluster warns before it takes the machines away: SLURM sends a signal ahead of the time
+limit (`--signal`) or on preemption, and SIGTERM at the end. The handler only sets a flag
+(doing real work inside a signal handler is unsafe); the training loop looks at the flag after
+each step, all ranks agree with one all-reduce (any rank's signal stops everyone at the same
+step), a checkpoint is written, and the run returns. Starting it again resumes exactly there.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopOnSignal:
+    """Callable as `stop_requested(step)`: True once one of `signals` has arrived."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.received: signal.Signals | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum)
+
+    def __call__(self, step: int) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
