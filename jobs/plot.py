@@ -70,30 +70,48 @@ def plot_runs(runs: dict[str, list[dict]], out: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save(fig, out / "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, records), color in zip(runs.items(), plt.cm.tab10.colors, strict=False):
-        ax.plot(*series(records, "step", "tokens_per_s"), color=color, label=f"{name} total")
-        px, py = series(records, "step", "tokens_per_s_per_device")
-        if px:
-            ax.plot(px, py, ":", color=color, label=f"{name} per device")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens/s")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save(fig, out / "throughput.png"))
+    written.append(
+        _lines(
+            runs,
+            out / "throughput.png",
+            "tokens/s",
+            ("tokens_per_s", "total"),
+            ("tokens_per_s_per_device", "per device"),
+        )
+    )
+    written.append(
+        _lines(
+            runs,
+            out / "memory.png",
+            "GiB per device (max over devices)",
+            ("memory_gib", "peak"),
+            ("state_gib", "params+grads+optimizer"),
+        )
+    )
+    return written
+
+
+def _lines(
+    runs: dict[str, list[dict]],
+    path: Path,
+    ylabel: str,
+    solid: tuple[str, str],
+    dashed: tuple[str, str],
+) -> Path:
+    """One figure against step: `solid` and `dashed` (key, label) per run, a colour per run."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (name, records), color in zip(runs.items(), plt.cm.tab10.colors, strict=False):
-        ax.plot(*series(records, "step", "memory_gib"), color=color, label=f"{name} peak")
-        sx, sy = series(records, "step", "state_gib")
-        if sx:
-            ax.plot(sx, sy, "--", color=color, label=f"{name} params+grads+optimizer")
+        for (key, label), style in ((solid, "-"), (dashed, "--")):
+            x, y = series(records, "step", key)
+            if x:
+                ax.plot(x, y, style, color=color, label=f"{name} {label}")
     ax.set_xlabel("step")
-    ax.set_ylabel("GiB per device (max over devices)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    written.append(_save(fig, out / "memory.png"))
-    return written
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

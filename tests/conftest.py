@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # Nothing in the tests may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,3 +43,13 @@ def tiny(tmp_path: Path):
         return tiny_config(tmp_path / name, **sections)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors gain nothing from intra-op threads, and spinning threads stall a busy
+    CPU: modules of many tiny computations use one thread (`pytestmark = usefixtures(...)`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -71,7 +71,10 @@ def spawn(
     try:
         deadline = time.monotonic() + timeout_s
         seen = progress() if progress else None
-        while not ctx.join(timeout=0.5):  # raises ProcessRaisedException if a child failed
+        # On a failure, join() raises ProcessRaisedException and stops the other children: SIGTERM
+        # after 1 s, SIGKILL 1 s later (SIGTERM alone only asks a rank to checkpoint, which a
+        # rank stuck in a collective with the dead one never finishes).
+        while not ctx.join(timeout=0.5, grace_period=1.0):
             if progress is not None and (now := progress()) != seen:
                 seen, deadline = now, time.monotonic() + timeout_s
             if time.monotonic() > deadline:

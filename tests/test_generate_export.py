@@ -18,13 +18,7 @@ from trainer.model import GPT, new_kv_cache
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads; spinning threads stall a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(block_size: int = 16, vocab_size: int = 257, seed: int = 0) -> GPT:

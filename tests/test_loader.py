@@ -28,13 +28,7 @@ EOT = "<|endoftext|>"
 EOT_ID = 256  # the bytes tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def docs_with_total(total_tokens: int, seed: int) -> list[str]:
