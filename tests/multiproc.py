@@ -10,6 +10,7 @@ started with the `spawn` method, which imports it afresh. Results come back thro
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessContext, ProcessException
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 DEFAULT_TIMEOUT_S = 300.0  # a hung collective fails the test instead of hanging the suite
@@ -46,6 +48,14 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
 
     try:
         fn(rank, *args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:
+        # DCP's CheckpointException is a BaseException, which torch's spawn wrapper would not
+        # hand to the parent: make it an Exception (the traceback keeps the original).
+        if isinstance(err, Exception):
+            raise
+        raise RuntimeError(f"{type(err).__name__}: {err}") from err
     finally:
         distributed.shutdown()
 
@@ -79,11 +89,26 @@ def spawn(
                 seen, deadline = now, time.monotonic() + timeout_s
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{fn.__name__} on {world_size} processes: over {timeout_s}s")
+    except ProcessException as err:
+        raise RuntimeError(f"{err}\n{child_errors(ctx)}") from None
     finally:  # never leave a child behind (one stuck in a collective would block exit)
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+def child_errors(ctx: ProcessContext) -> str:
+    """Every failed child's exit code and traceback: the first to exit is not always the one
+    whose error explains the failure (a rank dies; its peers then fail in a collective)."""
+    lines = []
+    for rank, (process, error_file) in enumerate(zip(ctx.processes, ctx.error_files, strict=True)):
+        if process.exitcode not in (0, None):
+            lines.append(f"--- rank {rank}: exit code {process.exitcode}")
+            if os.path.exists(error_file) and os.path.getsize(error_file):
+                with open(error_file, "rb") as f:
+                    lines.append(pickle.load(f))
+    return "\n".join(lines)
 
 
 # --- workers (run in the children) ---------------------------------------------------------
