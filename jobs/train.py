@@ -24,10 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         composed = compose_config("train", argv)
         world_size = distributed.world_from_env().size
         cfg = load_config(to_plain(composed, drop=("cluster",)), world_size=world_size)
-        try:
-            run(cfg)
-        finally:
-            distributed.shutdown()
+        run(cfg)
+    # Only after success: on an error this rank exits at once (torchrun then stops the others)
+    # instead of waiting in a barrier for ranks that are stuck in a collective.
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

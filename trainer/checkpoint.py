@@ -76,32 +76,61 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# Parameters that are one tensor in a whole model but two copies under pipeline parallelism
+# (GPT-2's output layer is tied to the token embedding; the two live on different stages).
+TIED = (("tok_emb.weight", "lm_head.weight"),)
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class ModelAndOptimizer(Stateful):
     """Model (+ optimizer) state with fully-qualified parameter names, for any layout.
 
     `get_state_dict` keys optimizer state by parameter name instead of by position and
-    handles sharded (FSDP/TP) parameters, which is what makes checkpoints portable.
+    handles sharded (FSDP/TP) parameters, which is what makes checkpoints portable. Flattened,
+    even the hyper-parameters are stored per parameter name, so pipeline stages (each holding
+    other parameters) never overwrite each other's entries. A tied weight's optimizer state is
+    stored under both of its names, so a pipeline stage that holds only one copy finds it.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.model, self.optimizer = model, optimizer
+        self._aliases: list[str] = []
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
+        self._aliases = add_tied_aliases(optim_sd)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
-        else:
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optim"],
-            )
+            return
+        optim_sd = {k: v for k, v in state["optim"].items() if k not in self._aliases}
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=optim_sd,
+            options=OPTIONS,
+        )
+
+
+def add_tied_aliases(optim_sd: dict[str, Any]) -> list[str]:
+    """Copy a tied weight's flattened optimizer entries to its other name; returns the keys
+    added (they are dropped again before loading into this optimizer)."""
+    added = []
+    for a, b in TIED:
+        for have, want in ((a, b), (b, a)):
+            mine = [k for k in optim_sd if k.split(".", 1)[1].startswith(have + ".")]
+            if mine and not any(k.split(".", 1)[1].startswith(want + ".") for k in optim_sd):
+                for key in mine:
+                    section, rest = key.split(".", 1)
+                    alias = f"{section}.{want}{rest[len(have) :]}"
+                    optim_sd[alias] = optim_sd[key]
+                    added.append(alias)
+    return added
 
 
 class WeightsOnlyLoadPlanner(DefaultLoadPlanner):

@@ -326,7 +326,7 @@ def memory_per_rank(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> dict[str, float]:
     """Peak device memory and the bytes of parameters + gradients + optimizer state held by
-    this rank (sharded tensors count only their local shard); the maximum over ranks."""
+    this rank during a step (sharded tensors count only their local shard); max over ranks."""
 
     def local_bytes(t: torch.Tensor) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t
@@ -334,7 +334,8 @@ def memory_per_rank(
 
     params = list(module.parameters())
     state = sum(local_bytes(p) for p in params)
-    state += sum(local_bytes(p.grad) for p in params if p.grad is not None)
+    # Gradients (freed by zero_grad before we get here) are as large as their parameters.
+    state += sum(local_bytes(p) for p in params if p.requires_grad)
     state += sum(
         local_bytes(v)
         for s in optimizer.state.values()

@@ -46,6 +46,7 @@ class ParallelModel:
     schedule: object | None = None  # pipeline schedule (pp > 1)
     tied_group: dist.ProcessGroup | None = None
     grad_accum: int = 1  # losses are divided by it, so accumulated gradients are a mean
+    pp_microbatches: int = 1
     set_sync: Callable[[bool], None] = field(default=lambda sync: None)
 
     def forward_backward(self, x, y, sync: bool, scaler, autocast) -> torch.Tensor | None:
@@ -64,7 +65,7 @@ class ParallelModel:
             self._run_pipeline(x, y, losses, train=True)
         if not losses:
             return None
-        return torch.stack(losses).mean().detach() * self.grad_accum
+        return torch.stack(losses).mean().detach() * self.loss_divisor
 
     @torch.no_grad()
     def eval_loss(self, x, y, autocast) -> torch.Tensor | None:
@@ -74,7 +75,12 @@ class ParallelModel:
         losses: list[torch.Tensor] = []
         with autocast:
             self._run_pipeline(x, y, losses, train=False)
-        return torch.stack(losses).mean() * self.grad_accum if losses else None
+        return torch.stack(losses).mean() * self.loss_divisor if losses else None
+
+    @property
+    def loss_divisor(self) -> float:
+        """What the pipeline's loss function divided each micro-batch loss by."""
+        return self.pp_microbatches * self.grad_accum
 
     def _run_pipeline(self, x, y, losses: list, train: bool) -> None:
         run = self.schedule.step if train else self.schedule.eval
@@ -139,7 +145,14 @@ def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -
     elif mesh is not None and p.dp_replicate > 1:
         wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb)
         set_sync = lambda sync: set_ddp_sync(wrapped, sync)  # noqa: E731
-    result = ParallelModel(model, layout, wrapped, grad_accum=t.grad_accum, set_sync=set_sync)
+    result = ParallelModel(
+        model,
+        layout,
+        wrapped,
+        grad_accum=t.grad_accum,
+        pp_microbatches=p.pp_microbatches,
+        set_sync=set_sync,
+    )
     if mesh is not None and p.pp > 1:
         result.schedule = build_schedule(
             wrapped, mesh["pp"], device, p.pp_microbatches, p.pp_schedule, t.grad_accum

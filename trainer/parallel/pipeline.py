@@ -65,10 +65,12 @@ def build_schedule(
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
-        return loss / grad_accum  # accumulated gradients are a mean over the whole step
+        # Gradients become a mean over every micro-batch of the step, as one big batch's would.
+        # (Not the schedule's scale_grads: it rescales all of .grad after each schedule step,
+        # including what earlier accumulation steps left there.)
+        return loss / (microbatches * grad_accum)
 
-    # scale_grads: gradients are averaged over the micro-batches, as one big batch would be.
-    return SCHEDULES[schedule](stage, microbatches, loss_fn=loss_fn, scale_grads=True)
+    return SCHEDULES[schedule](stage, microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def tied_weight_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:

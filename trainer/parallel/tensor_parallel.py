@@ -7,8 +7,9 @@ In every block:
     MLP:       fc       ColwiseParallel  -> each rank computes 4*d / tp hidden units
                proj     RowwiseParallel  -> all-reduce
 
-So one all-reduce after attention and one after the MLP per block in forward (and two in
-backward). Embeddings, LayerNorms and the (tied) output layer stay replicated: every rank
+So one all-reduce after attention and one after the MLP per block in forward; in backward
+the gradient of each column-parallel layer's input is all-reduced too (q, k and v are separate
+layers, so four per block). Embeddings, LayerNorms and the (tied) output layer stay replicated: every rank
 computes them in full, and their gradients come out identical on every rank.
 """
 
