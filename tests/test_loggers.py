@@ -59,6 +59,7 @@ def test_metrics_report_restarts_and_time_split(tiny):
     assert [r["restarts"] for r in rows] == [0, 0, 1, 1, 1, 1]
     for r in rows:
         assert 0 <= r["time_data_s"] <= r["time_step_s"]
+        assert 0 < r["time_optimizer_s"] <= r["time_step_s"]
         assert r["time_checkpoint_s"] >= 0 and len(r["memory_gib_per_device"]) == 1
 
 

@@ -139,12 +139,14 @@ def train_step(
         loss = pm.forward_backward(x, y, micro == t.grad_accum - 1, scaler, autocast(cfg, device))
         if loss is not None:
             loss_and_count += torch.stack([loss.float(), torch.ones((), device=device)])
+    stepping = time.perf_counter()
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
     pm.after_backward()
     grad_norm = pm.clip_grad_norm(t.grad_clip if t.grad_clip > 0 else float("inf"))
     scaler.step(optimizer)  # fp16: skipped when gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    timer["optimizer"] += time.perf_counter() - stepping
     return loss_and_count, grad_norm
 
 
@@ -256,7 +258,7 @@ def run(
         if not cfg.checkpoint.async_save:
             finish_pending_save()
 
-    timer = {"data": 0.0, "checkpoint": 0.0}  # seconds in the current logging window
+    timer = {"data": 0.0, "optimizer": 0.0, "checkpoint": 0.0}  # seconds in this log window
     signals = StopOnSignal()  # preemption warning / SIGTERM: checkpoint, then return
     pm.module.train()
     while step < t.max_steps:
@@ -291,6 +293,7 @@ def run(
                 # where a step's time went (averages over the window, this rank's view)
                 "time_step_s": step_time,
                 "time_data_s": timer["data"] / window_steps,
+                "time_optimizer_s": timer["optimizer"] / window_steps,
                 "time_checkpoint_s": timer["checkpoint"] / window_steps,
                 "restarts": restarts,
             }
