@@ -276,7 +276,8 @@ def run_chunks(cfg: DataConfig, indices: list[int], workers: int) -> list[dict[s
     bar = tqdm(total=len(items), unit="chunk", disable=not tty, dynamic_ncols=True)
     records, text_bytes, tokens = [], 0, 0
     start = time.perf_counter()
-    context = mp.get_context("spawn")
+    # fork: workers inherit the loaded tokenizer instead of importing and building it again
+    context = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(workers) if workers > 1 else _InProcess() as pool:
         for record in pool.imap_unordered(_run_one, items):
             records.append(record)
