@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         append_results(
             "Checkpointing and start-up",
-            "python -m benchmarks.checkpointing " + " ".join(sys.argv[1:]),
+            "python -m benchmarks.checkpointing "
+            + " ".join(sys.argv[1:] if argv is None else argv),
             f"save/load through trainer.checkpoint (DCP, one process); stall = time the training "
             f"loop spends in save() per checkpoint, averaged over {args.steps - 1} checkpoints",
             table,

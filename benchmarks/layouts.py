@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         append_results(
             f"Parallel layouts — {args.model}, {args.precision}",
-            "python -m benchmarks.layouts " + " ".join(sys.argv[1:]),
+            "python -m benchmarks.layouts " + " ".join(sys.argv[1:] if argv is None else argv),
             f"{args.steps} warm-up + {args.steps} measured steps; same global batch "
             f"({args.micro_batch} sequences) in every layout; dummy data",
             table,

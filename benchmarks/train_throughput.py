@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     append_results(
         "Training throughput",
-        f"python -m benchmarks.train_throughput {' '.join(sys.argv[1:])}",
+        "python -m benchmarks.train_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
         f"{args.steps} warm-up + {args.steps} measured steps per case; memory on CPU is the "
         "process's peak resident set size",
         table,
