@@ -61,6 +61,15 @@ def compose_config(
     return cfg
 
 
+def to_schema(schema: type, composed: DictConfig):
+    """The composed config as an instance of dataclass `schema` (unknown keys and wrong types
+    become a one-line ConfigError naming the key)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), composed))
+    except OmegaConfBaseException as err:
+        raise ConfigError(describe_omegaconf_error(err)) from None
+
+
 def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in drop:

@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.tokenizers import get_tokenizer
-from jobs.cli import compose_config, errors_as_one_line, print_help, wants_help
-from trainer.config import ConfigError, describe_omegaconf_error
+from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
+from trainer.config import ConfigError
 from trainer.generate import load_model
 from trainer.hf import save_hf
 
@@ -29,10 +27,7 @@ class ExportConfig:
 
 def parse(argv: list[str]) -> ExportConfig:
     composed = compose_config("export", argv)
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), composed))
-    except OmegaConfBaseException as err:
-        raise ConfigError(describe_omegaconf_error(err)) from None
+    cfg = to_schema(ExportConfig, composed)
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)}")
     return cfg

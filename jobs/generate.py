@@ -6,12 +6,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.tokenizers import get_tokenizer
-from jobs.cli import compose_config, errors_as_one_line, print_help, wants_help
-from trainer.config import ConfigError, describe_omegaconf_error
+from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
+from trainer.config import ConfigError
 from trainer.generate import generate, load_model
 from trainer.train import pick_device
 
@@ -48,10 +46,7 @@ def check(cfg: GenerateConfig) -> None:
 
 def parse(argv: list[str]) -> GenerateConfig:
     composed = compose_config("generate", argv, literal_keys=("prompt",))
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateConfig), composed))
-    except OmegaConfBaseException as err:
-        raise ConfigError(describe_omegaconf_error(err)) from None
+    cfg = to_schema(GenerateConfig, composed)
     check(cfg)
     return cfg
 

@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from data_prep import prep
 from data_prep.config import DataConfig
-from jobs.cli import compose_config, errors_as_one_line, print_help, wants_help
-from trainer.config import ConfigError, describe_omegaconf_error
+from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
+from trainer.config import ConfigError
 
 USAGE = "data=<preset> [data.input=PATH ...] [tokenizer=gpt2|bpe|bytes] [data.out=DIR]"
 PHASES = ("all", "plan", "chunks", "finalize")
@@ -30,10 +29,7 @@ class PrepConfig:
 def parse(argv: list[str]) -> PrepConfig:
     composed = compose_config("prep", argv)
     composed = OmegaConf.masked_copy(composed, [k for k in composed if k != "cluster"])
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PrepConfig), composed))
-    except OmegaConfBaseException as err:
-        raise ConfigError(describe_omegaconf_error(err)) from None
+    cfg = to_schema(PrepConfig, composed)
     if cfg.phase not in PHASES:
         raise ConfigError(f"phase={cfg.phase!r}: expected one of {', '.join(PHASES)}")
     if cfg.workers < 0:
