@@ -10,8 +10,8 @@ import torch
 from data_prep.tokenizers import get_tokenizer
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
+from trainer.distributed import pick_device
 from trainer.generate import generate, load_model
-from trainer.train import pick_device
 
 USAGE = 'checkpoint=PATH prompt="..." max_new_tokens=N temperature=T top_k=K top_p=P seed=S'
 

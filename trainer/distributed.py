@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -38,10 +40,19 @@ def world_from_env() -> World:
     return World()
 
 
+def pick_device(name: str) -> torch.device:
+    """`device=auto|cpu|cuda` as a device (auto: CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device is available")
+    return torch.device(name)
+
+
 def init(device_name: str = "auto") -> tuple[World, torch.device]:
     """Join the job's process group (if there is more than one process) and pick our device."""
     world = world_from_env()
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    use_cuda = pick_device(device_name).type == "cuda"
     if use_cuda:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)

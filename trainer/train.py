@@ -41,14 +41,6 @@ class RunResult:
     stopped_early: str | None = None  # why the run returned before max_steps
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16/fp16 compute with fp32 master weights; fp32 runs without autocast."""
     if cfg.precision == "fp32":
