@@ -41,6 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from data_prep.shards import write_json_atomic
+
 COMPLETE_MARK = "complete.json"
 TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -176,15 +178,6 @@ def _list_files(folder: Path) -> dict[str, int]:
     }
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def verify(path: str | Path) -> None:
     """Raise :class:`CheckpointError` unless `path` is a complete, untruncated checkpoint."""
     path = Path(path)
@@ -266,12 +259,12 @@ class PendingSave:
         _barrier()  # ... and every other rank's
         if _rank() == 0 and not is_complete(self.final):
             state = {"format_version": FORMAT_VERSION, **self.trainer_state}
-            _write_json_atomic(self.tmp / TRAINER_STATE, state)
+            write_json_atomic(self.tmp / TRAINER_STATE, state)
             for extra in self.extra_files:
                 shutil.copyfile(extra, self.tmp / Path(extra).name)
             os.replace(self.tmp, self.final)
             files = _list_files(self.final)
-            _write_json_atomic(self.final / COMPLETE_MARK, {"step": self.step, "files": files})
+            write_json_atomic(self.final / COMPLETE_MARK, {"step": self.step, "files": files})
             prune(self.run_dir, self.keep)
         _barrier()
         return self.final
