@@ -1,4 +1,5 @@
-"""`dlt-prep`: tokenize a corpus into shards (`cluster=local`: a process pool on this machine)."""
+"""`dlt-prep`: tokenize a corpus into shards: `cluster=local`, a process pool on this machine;
+`cluster=<profile>`, SLURM jobs plan -> array of chunk tasks -> finalize (`jobs/submit.py`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from omegaconf import OmegaConf
 
 from data_prep import prep
 from data_prep.config import DataConfig
+from jobs.submit import ClusterProfile, check_profile, submit_prep
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
 
-USAGE = "data=<preset> [data.input=PATH ...] [tokenizer=gpt2|bpe|bytes] [data.out=DIR]"
+USAGE = (
+    "data=<preset> [data.input=PATH ...] [tokenizer=gpt2|bpe|bytes] [data.out=DIR] "
+    "[cluster=local|<profile>] [dry_run=true]"
+)
 PHASES = ("all", "plan", "chunks", "finalize")
 
 
@@ -26,27 +31,40 @@ class PrepConfig:
     chunks: str | None = None
 
 
-def parse(argv: list[str]) -> PrepConfig:
+def parse(argv: list[str]) -> tuple[PrepConfig, ClusterProfile, bool]:
+    """The prep config, the cluster profile and whether this is a dry run."""
     composed = compose_config("prep", argv)
-    composed = OmegaConf.masked_copy(composed, [k for k in composed if k != "cluster"])
-    cfg = to_schema(PrepConfig, composed)
+    profile = to_schema(ClusterProfile, composed.cluster)
+    check_profile(profile)
+    dry_run = bool(composed.get("dry_run", False))
+    keep = [k for k in composed if k not in ("cluster", "dry_run")]
+    cfg = to_schema(PrepConfig, OmegaConf.masked_copy(composed, keep))
     if cfg.phase not in PHASES:
         raise ConfigError(f"phase={cfg.phase!r}: expected one of {', '.join(PHASES)}")
     if cfg.workers < 0:
         raise ConfigError(f"workers={cfg.workers}: must be >= 0 (0 = all cores)")
     if cfg.tokenizer:
         cfg.data.tokenizer = cfg.tokenizer
-    return cfg
+    return cfg, profile, dry_run
 
 
 def chunk_range(spec: str | None, n: int) -> list[int]:
+    """`chunks=START:END` (indices) or `chunks=I/N` (part I of N, as one array task takes)."""
     if spec is None:
         return list(range(n))
     try:
+        if "/" in spec:
+            part, _, parts = spec.partition("/")
+            i, k = int(part), int(parts)
+            if not 0 <= i < k:
+                raise ValueError
+            return list(range(i * n // k, (i + 1) * n // k))
         start, _, end = spec.partition(":")
         indices = range(int(start or 0), min(n, int(end or n)))
     except ValueError:
-        raise ConfigError(f"chunks={spec!r}: expected START:END chunk indices") from None
+        raise ConfigError(
+            f"chunks={spec!r}: expected START:END chunk indices or I/N (part I of N)"
+        ) from None
     return list(indices)
 
 
@@ -81,7 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         print_help("dlt-prep", "prep", USAGE)
         return
     with errors_as_one_line("dlt-prep"):
-        run(parse(argv))
+        cfg, profile, dry_run = parse(argv)
+        if profile.is_local:
+            run(cfg)
+        else:
+            submit_prep(profile, argv, dry_run)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,36 @@
-"""`dlt-train`: compose the config, then train here (`cluster=local`)."""
+"""`dlt-train`: compose the config, then train here (`cluster=local`) or submit it to SLURM.
+
+- `cluster=local` (default): train in this process, or in each process of a `torchrun` job.
+- `cluster=<profile>`: submit from a login node (sbatch or submitit, `jobs/submit.py`), print
+  the job id and log paths, return. `dry_run=true` prints what would be submitted.
+- `--multirun` (`-m`): a Hydra sweep, e.g. through `hydra/launcher=submitit_slurm`.
+
+Under SLURM, every training process reports how the run ended in `$DLT_OUTCOME_FILE`
+(`finished`, `stopped` by a warning signal, or `failed`): the batch script requeues a
+stopped run. Rank 0 also appends start/end events to `<run.dir>/jobs.jsonl` (`dlt-status`).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import sys
+import time
+from pathlib import Path
 
-from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, wants_help
-from trainer import distributed
-from trainer.config import load_config
-from trainer.train import run
+from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, to_schema, wants_help
+from jobs.submit import ClusterProfile, check_profile, submit_training
+from trainer import checkpoint, distributed
+from trainer.config import Config, load_config
+from trainer.train import find_resume_point, run
 
 USAGE = (
     "model=<preset> parallel=<preset> data=<preset> train.max_steps=N run.dir=DIR "
-    "resume=auto|none|PATH precision=fp32|bf16|fp16 [key=value ...]"
+    "resume=auto|none|PATH precision=fp32|bf16|fp16 [cluster=local|<profile>] [dry_run=true] "
+    "[key=value ...]"
 )
+NOT_TRAINING_KEYS = ("cluster", "dry_run", "hydra")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,14 +38,83 @@ def main(argv: list[str] | None = None) -> None:
     if wants_help(argv):
         print_help("dlt-train", "train", USAGE)
         return
+    if "--multirun" in argv or "-m" in argv:
+        from jobs.sweep import sweep
+
+        sweep(argv)
+        return
     with errors_as_one_line("dlt-train"):
         composed = compose_config("train", argv)
+        profile = to_schema(ClusterProfile, composed.cluster)
+        check_profile(profile)
         world_size = distributed.world_from_env().size
-        cfg = load_config(to_plain(composed, drop=("cluster",)), world_size=world_size)
-        run(cfg)
+        cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=world_size)
+        if not profile.is_local:
+            submit_training(profile, argv, bool(composed.get("dry_run", False)))
+            return
+        train_here(cfg)
     # Only after success: on an error this rank exits at once (torchrun then stops the others)
     # instead of waiting in a barrier for ranks that are stuck in a collective.
     distributed.shutdown()
+
+
+def train_here(cfg: Config) -> None:
+    """Train in this process, reporting the start and the outcome for SLURM and dlt-status."""
+    world = distributed.world_from_env()
+    resume_from = find_resume_point(cfg) if cfg.resume != "none" else None
+    announce_start(cfg, world, resume_from)
+    try:
+        result = run(cfg)
+    except BaseException:
+        report_outcome(cfg, world, "failed", None)
+        raise
+    outcome = "stopped" if result.stopped_early else "finished"
+    report_outcome(cfg, world, outcome, result.step)
+
+
+def slurm_info() -> dict[str, object]:
+    env = os.environ
+    return {
+        "slurm_job_id": env.get("SLURM_JOB_ID"),
+        "restart_count": int(env.get("SLURM_RESTART_COUNT", 0)),
+        "nodes": env.get("SLURM_JOB_NODELIST"),
+    }
+
+
+def announce_start(cfg: Config, world: distributed.World, resume_from: Path | None) -> None:
+    """One line per node (its first process): where it runs, which ranks, restart, resume."""
+    resumed = f"resuming from step {checkpoint.step_of(resume_from)}" if resume_from else "fresh"
+    info = slurm_info()
+    if world.local_rank == 0:
+        last_rank = world.rank + world.local_size - 1
+        job = f"SLURM job {info['slurm_job_id']} restart {info['restart_count']}, " * bool(
+            info["slurm_job_id"]
+        )
+        print(
+            f"dlt-train: {socket.gethostname()} node {os.environ.get('GROUP_RANK', 0)}: "
+            f"ranks {world.rank}-{last_rank} of {world.size}, {job}{resumed}",
+            flush=True,
+        )
+    if world.is_main:
+        step = checkpoint.step_of(resume_from) if resume_from else 0
+        append_event(cfg, {"event": "start", "world_size": world.size, "step": step, **info})
+
+
+def report_outcome(cfg: Config, world: distributed.World, outcome: str, step: int | None) -> None:
+    if outcome == "failed" or world.is_main:
+        path = os.environ.get("DLT_OUTCOME_FILE")
+        if path:
+            Path(path).write_text(outcome + "\n")
+    if world.is_main:
+        append_event(cfg, {"event": "end", "outcome": outcome, "step": step, **slurm_info()})
+
+
+def append_event(cfg: Config, event: dict[str, object]) -> None:
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **event}
+    with open(run_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# USR1: our sbatch script's --signal; USR2: submitit's; TERM: the end of the time limit.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class StopOnSignal:

@@ -1,0 +1,369 @@
+"""Submitting to SLURM from a login node: a cluster profile -> sbatch script or submitit job.
+
+A cluster profile (`cluster_configs/cluster/<name>.yaml`, chosen with `cluster=<name>`) says
+where and how a job runs: partition, account, nodes, GPUs, time limit, signal lead time, setup
+lines. Two routes read it:
+
+- `cluster.launcher=sbatch`: the profile's `#SBATCH` lines + settings are put in front of the
+  body of `sbatch/train.sbatch` (the same script users submit by hand); the filled script is
+  written to `<log_dir>/` and submitted with `sbatch`.
+- `cluster.launcher=submitit` (default): submitit writes and submits the job; each node runs
+  `jobs.node` (torchrun) and submitit's checkpoint/requeue protocol handles preemption.
+
+Safety: configuration values are data, never shell. Every value that reaches the shell part of
+a script is quoted with `shlex.quote`; `#SBATCH` lines are read by sbatch, not by the shell,
+and a value that could break out of its line (a newline or other control character) is
+refused. Only `setup` lines are shell, by design (`module load ...`, `conda activate ...`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError
+
+LAUNCHERS = ("submitit", "sbatch")
+BODY_MARKER = "# ---- body:"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass
+class ClusterProfile:
+    """`cluster.*` keys. `name=local` means: no SLURM, run on this machine."""
+
+    name: str = "local"
+    launcher: str = "submitit"  # submitit | sbatch
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: CPU nodes
+    procs_per_node: int | None = None  # training processes per node; default GPUs (or 1)
+    cpus_per_task: int | None = None  # CPUs for a node's task (all of its processes)
+    mem: str | None = None  # per node, e.g. 200G; null = the partition's default
+    time_min: int = 60  # time limit in minutes
+    signal_lead_s: int = 120  # warning signal this many seconds before the time limit
+    max_restarts: int = 1  # after a failure (an exception), torchrun restarts at most this often
+    max_requeues: int = 100  # preemptions / time limits survived (submitit's max_num_timeout)
+    job_name: str = "dlt-train"
+    log_dir: str = "logs"
+    python: str | None = None  # the Python with this project on the nodes; null = this one
+    setup: list[str] = field(default_factory=list)  # shell lines run first on the first node
+    sbatch_extra: list[str] = field(default_factory=list)  # more options: "--constraint=a100"
+    array_tasks: int = 4  # dlt-prep: tasks of the chunk array
+
+    @property
+    def is_local(self) -> bool:
+        return self.name == "local"
+
+    @property
+    def processes_per_node(self) -> int:
+        return self.procs_per_node or max(1, self.gpus_per_node)
+
+
+def check_profile(p: ClusterProfile) -> None:
+    """One-line errors for values that cannot work or could escape their line."""
+    if p.launcher not in LAUNCHERS:
+        raise ConfigError(f"cluster.launcher={p.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    for f in fields(p):
+        value = getattr(p, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and _CONTROL.search(item):
+                raise ConfigError(
+                    f"cluster.{f.name}={item!r}: must be one line without control characters"
+                )
+    for key in ("nodes", "time_min", "array_tasks"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"cluster.{key}={getattr(p, key)}: must be >= 1")
+    for key in ("gpus_per_node", "signal_lead_s", "max_restarts", "max_requeues"):
+        if getattr(p, key) < 0:
+            raise ConfigError(f"cluster.{key}={getattr(p, key)}: must be >= 0")
+    if p.signal_lead_s >= p.time_min * 60:
+        raise ConfigError(
+            f"cluster.signal_lead_s={p.signal_lead_s}: must be shorter than the time limit "
+            f"(cluster.time_min={p.time_min})"
+        )
+    for line in p.sbatch_extra:
+        if not line.startswith("--"):
+            raise ConfigError(f"cluster.sbatch_extra: {line!r}: expected an option like --key=value")
+
+
+def sbatch_options(p: ClusterProfile, job_name: str, output: str, signal_name: str = "USR1"):
+    """The `#SBATCH` options of a profile, in order."""
+    opts = [f"--job-name={job_name}", f"--nodes={p.nodes}", "--ntasks-per-node=1"]
+    opts += [f"--{k}={v}" for k in ("partition", "account", "qos") if (v := getattr(p, k))]
+    if p.gpus_per_node:
+        opts.append(f"--gpus-per-node={p.gpus_per_node}")
+    if p.cpus_per_task:
+        opts.append(f"--cpus-per-task={p.cpus_per_task}")
+    if p.mem:
+        opts.append(f"--mem={p.mem}")
+    opts += [
+        f"--time={p.time_min}",
+        f"--signal={signal_name}@{p.signal_lead_s}",
+        "--requeue",
+        "--open-mode=append",
+        f"--output={output}",
+    ]
+    return opts + list(p.sbatch_extra)
+
+
+def script_body(name: str) -> str:
+    """Everything after the body marker of `sbatch/<name>`."""
+    text = resources.files("sbatch").joinpath(name).read_text()
+    head, marker, rest = text.partition(BODY_MARKER)
+    if not marker:
+        raise RuntimeError(f"sbatch/{name} has no '{BODY_MARKER}' line")
+    return marker + rest
+
+
+def render_script(
+    name: str,
+    options: list[str],
+    settings: dict[str, Any],
+    arguments: list[str],
+    setup: list[str],
+    origin: str,
+) -> str:
+    """`sbatch/<name>` with these #SBATCH options, exported settings, setup lines and
+    arguments (quoted) in front of its body."""
+    lines = ["#!/bin/bash", f"# {origin}"]
+    lines += [f"#SBATCH {opt}" for opt in options]
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in settings.items()]
+    if setup:
+        lines += ["# setup lines of the cluster profile", *setup]
+    lines.append("set -- " + " ".join(shlex.quote(a) for a in arguments))
+    return "\n".join(lines) + "\n" + script_body(name)
+
+
+def python_of(p: ClusterProfile) -> str:
+    return p.python or sys.executable
+
+
+def log_dir(p: ClusterProfile) -> Path:
+    path = Path(p.log_dir).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train_script(p: ClusterProfile, overrides: list[str]) -> str:
+    logs = log_dir(p)
+    settings = {
+        "DLT_PYTHON": python_of(p),
+        "DLT_PROCS_PER_NODE": p.processes_per_node,
+        "DLT_MAX_RESTARTS": p.max_restarts,
+        "DLT_LOG_DIR": logs,
+    }
+    return render_script(
+        "train.sbatch",
+        sbatch_options(p, p.job_name, f"{logs}/%x-%j.out"),
+        settings,
+        overrides,
+        p.setup,
+        f"sbatch/train.sbatch filled from cluster profile {p.name!r} by dlt-train",
+    )
+
+
+def sbatch_submit(script: str, path: Path, extra: list[str] = ()) -> str:
+    """Write `script` to `path` and submit it; the job id."""
+    path.write_text(script)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *extra, str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise ConfigError(f"sbatch {path} failed: {' '.join(proc.stderr.split())}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def strip_cluster_overrides(overrides: list[str]) -> list[str]:
+    """The command-line overrides minus those that choose where to run (the job runs them)."""
+    return [
+        o
+        for o in overrides
+        if not o.split("=", 1)[0].lstrip("+~").startswith(("cluster", "dry_run"))
+    ]
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> str | None:
+    """Submit the training job for `overrides`; returns the job id (None on a dry run)."""
+    overrides = strip_cluster_overrides(overrides)
+    if p.launcher == "sbatch":
+        script = train_script(p, overrides)
+        if dry_run:
+            print(script, end="")
+            return None
+        logs = log_dir(p)
+        job_id = sbatch_submit(script, logs / f"{p.job_name}.sbatch")
+        print(f"dlt-train: submitted job {job_id} (sbatch); log {logs}/{p.job_name}-{job_id}.out")
+        return job_id
+    params = submitit_parameters(p)
+    if dry_run:
+        import yaml
+
+        print("# submitit AutoExecutor parameters (one task per node runs jobs.node)")
+        print(yaml.safe_dump({"folder": str(submitit_folder(p)), **params}, sort_keys=False), end="")
+        print("# each task runs: " + shlex.join(["python", "-m", "jobs.node", *overrides]))
+        return None
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=submitit_folder(p), cluster="slurm")
+    executor.update_parameters(**params)
+    job = executor.submit(TrainTask(overrides, p.processes_per_node, p.max_restarts))
+    print(
+        f"dlt-train: submitted job {job.job_id} (submitit); logs {job.paths.stdout} "
+        f"and {job.paths.stderr}"
+    )
+    return job.job_id
+
+
+def submitit_folder(p: ClusterProfile) -> Path:
+    return log_dir(p) / "submitit" / "%j"
+
+
+def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:
+    """What `AutoExecutor.update_parameters` gets for a profile."""
+    extra: dict[str, Any] = {}
+    for opt in p.sbatch_extra:
+        key, sep, value = opt[2:].partition("=")
+        extra[key.replace("-", "_")] = value if sep else True
+    params: dict[str, Any] = {
+        "name": p.job_name,
+        "nodes": p.nodes,
+        "tasks_per_node": 1,
+        "timeout_min": p.time_min,
+        "slurm_signal_delay_s": p.signal_lead_s,
+        "slurm_max_num_timeout": p.max_requeues,
+        "slurm_setup": list(p.setup),
+        "slurm_additional_parameters": extra,
+    }
+    optional = {
+        "slurm_partition": p.partition,
+        "slurm_account": p.account,
+        "slurm_qos": p.qos,
+        "gpus_per_node": p.gpus_per_node or None,
+        "cpus_per_task": p.cpus_per_task,
+        "slurm_mem": p.mem,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+class TrainTask:
+    """The function submitit runs once per node: torchrun (via `jobs.node`) as a child process.
+
+    submitit's protocol: on the warning signal (USR2 for submitit jobs) submitit calls
+    `checkpoint()` in the first task. The training processes got the same signal and are
+    writing their checkpoint; `checkpoint()` waits for them to exit, then hands submitit a
+    fresh copy of this task to requeue, which resumes from that checkpoint.
+    """
+
+    def __init__(self, overrides: list[str], procs_per_node: int, max_restarts: int):
+        self.overrides = list(overrides)
+        self.procs_per_node = procs_per_node
+        self.max_restarts = max_restarts
+        self._done: threading.Event | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._done = None
+
+    def __call__(self) -> str:
+        from jobs.node import ignore_warning_signals, set_threads_per_process, torchrun_command
+
+        import submitit
+
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # meant for the training processes
+        set_threads_per_process(self.procs_per_node)
+        job = submitit.JobEnvironment()
+        outcome_file = Path(job.paths.folder) / f"{job.job_id}.outcome"
+        env = {**os.environ, "DLT_OUTCOME_FILE": str(outcome_file)}
+        outcome_file.unlink(missing_ok=True)
+        command = torchrun_command(self.overrides, self.procs_per_node, self.max_restarts)
+        proc = subprocess.Popen(command, env=env, preexec_fn=ignore_warning_signals)
+        # A helper thread waits for torchrun, so that checkpoint() (run by submitit inside a
+        # signal handler on this thread) can wait for it too without a deadlock.
+        self._done = threading.Event()
+        returncode: list[int] = []
+        threading.Thread(
+            target=lambda: (returncode.append(proc.wait()), self._done.set()), daemon=True
+        ).start()
+        while not self._done.wait(1.0):
+            pass
+        outcome = outcome_file.read_text().strip() if outcome_file.exists() else "failed"
+        if outcome == "failed" or returncode[0] != 0:
+            raise RuntimeError(f"training failed (torchrun exit {returncode[0]}); see the log")
+        return outcome
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        if self._done is not None:
+            while not self._done.wait(1.0):  # the training processes are saving
+                pass
+        fresh = TrainTask(self.overrides, self.procs_per_node, self.max_restarts)
+        return submitit.helpers.DelayedSubmission(fresh)
+
+
+# -------------------------------------------------------------------------------------- prep
+
+
+def submit_prep(p: ClusterProfile, overrides: list[str], dry_run: bool) -> list[str]:
+    """Plan -> array of `cluster.array_tasks` chunk tasks -> finalize, chained by afterok."""
+    overrides = strip_cluster_overrides(overrides)
+    logs = log_dir(p)
+    settings = {"DLT_PYTHON": python_of(p)}
+    name = p.job_name if p.job_name != "dlt-train" else "dlt-prep"
+    output = f"{logs}/%x-%A_%a.out"
+
+    def options(extra: list[str]) -> list[str]:
+        opts = [o for o in sbatch_options(p, name, output) if not o.startswith("--signal")]
+        return [o for o in opts if o not in ("--requeue", "--ntasks-per-node=1")] + extra
+
+    scripts = {
+        "plan": render_script(
+            "prep.sbatch", options([]), settings, ["phase=plan", *overrides], p.setup,
+            f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (plan)",
+        ),
+        "chunks": render_script(
+            "prep.sbatch", options([f"--array=0-{p.array_tasks - 1}"]), settings,
+            ["phase=chunks", *overrides], p.setup,
+            f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (chunks)",
+        ),
+        "finalize": render_script(
+            "prep.sbatch", options(["--kill-on-invalid-dep=yes"]), settings,
+            ["phase=finalize", *overrides], p.setup,
+            f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (finalize)",
+        ),
+    }  # fmt: skip
+    if dry_run:
+        for phase, script in scripts.items():
+            print(f"# ===== {phase} =====\n{script}", end="")
+        return []
+    plan = sbatch_submit(scripts["plan"], logs / f"{name}-plan.sbatch")
+    chunks = sbatch_submit(
+        scripts["chunks"], logs / f"{name}-chunks.sbatch", [f"--dependency=afterok:{plan}"]
+    )
+    final = sbatch_submit(
+        scripts["finalize"], logs / f"{name}-finalize.sbatch", [f"--dependency=afterok:{chunks}"]
+    )
+    print(
+        f"dlt-prep: submitted plan {plan} -> array {chunks} ({p.array_tasks} tasks) -> "
+        f"finalize {final}; logs in {logs}"
+    )
+    return [plan, chunks, final]

@@ -1,0 +1,51 @@
+"""`dlt-train --multirun ...`: a Hydra sweep, one training per combination of values.
+
+    dlt-train --multirun train.lr=3e-4,1e-3 'run.dir=runs/sweep/lr${train.lr}' \
+        hydra/launcher=submitit_slurm hydra.launcher.partition=gpu hydra.launcher.nodes=1
+
+Each job of the sweep trains one config. With Hydra's basic launcher the jobs run one after
+the other in this process; with `hydra/launcher=submitit_slurm` each is a SLURM job (an array
+job) whose every node runs `jobs.node` (torchrun), as `dlt-train cluster=<profile>` does.
+Give each job its own `run.dir` (interpolating the swept values, or `${hydra:job.num}`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_plain, to_schema
+from jobs.submit import ClusterProfile, TrainTask, strip_cluster_overrides
+from trainer.config import load_config
+
+
+def sweep(argv: list[str]) -> None:
+    sys.argv = ["dlt-train", *argv]
+    train_one()
+
+
+@hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
+def train_one(composed: DictConfig) -> str:
+    from jobs.train import NOT_TRAINING_KEYS, train_here
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = str(Path(composed.run.dir).absolute())  # resolved here, where ${hydra:...} works
+    with errors_as_one_line("dlt-train"):
+        cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=1)
+        on_slurm = "submitit" in str(hydra_cfg.launcher.get("_target_", ""))
+        if on_slurm and "SLURM_JOB_ID" in os.environ:
+            profile = to_schema(ClusterProfile, composed.cluster)
+            overrides = [
+                o
+                for o in strip_cluster_overrides(list(hydra_cfg.overrides.task))
+                if not o.startswith("run.dir=")
+            ]
+            task = TrainTask([*overrides, f"run.dir={run_dir}"], profile.processes_per_node, 0)
+            return task()
+        train_here(cfg)
+    return "finished"
