@@ -53,3 +53,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local SLURM cluster (`dlt-cluster up`): reused when it is already up, otherwise
+    started here (installing Debian's packages as root) and stopped at the end."""
+    import subprocess
+    import sys
+
+    import slurm_helpers as slurm
+
+    status = [sys.executable, "-m", "jobs.cluster", "status"]
+    env = {**os.environ, "DLT_CLUSTER_DIR": slurm.CLUSTER_DIR}
+    started = False
+    if subprocess.run(status, capture_output=True, env=env).returncode != 0:
+        up = subprocess.run(
+            [sys.executable, "-m", "jobs.cluster", "up"], capture_output=True, text=True, env=env
+        )
+        assert up.returncode == 0, f"dlt-cluster up failed:\n{up.stdout}\n{up.stderr}"
+        started = True
+    yield slurm.SLURM_CONF
+    if started:
+        subprocess.run([sys.executable, "-m", "jobs.cluster", "down"], env=env, check=True)

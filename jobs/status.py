@@ -1,0 +1,95 @@
+"""`dlt-status RUN_DIR...`: where a run stands — last step, last checkpoint, restarts, jobs.
+
+Reads only the run directory (shared disk), so it works from a login node while the run is
+queued, running, preempted or finished: `metrics.jsonl` (last logged step and loss),
+`checkpoints/` (newest complete one), `jobs.jsonl` (one start/end event per attempt, with the
+SLURM job id and restart count, written by `dlt-train`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer import checkpoint
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file (a line being written is skipped)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def run_state(run_dir: Path) -> dict[str, Any]:
+    """A summary of the run in `run_dir` (raises FileNotFoundError when it is no run)."""
+    if not (run_dir / "config.yaml").exists() and not (run_dir / "jobs.jsonl").exists():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml or jobs.jsonl: not a run directory")
+    metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
+    events = read_jsonl(run_dir / "jobs.jsonl")
+    starts = [e for e in events if e.get("event") == "start"]
+    ends = [e for e in events if e.get("event") == "end"]
+    latest = checkpoint.latest(run_dir)
+    if ends and (not starts or ends[-1]["time"] >= starts[-1]["time"]):
+        state = ends[-1]["outcome"]  # finished | stopped | failed
+    else:
+        state = "running (or killed)" if starts else "unknown"
+    job_ids = list(dict.fromkeys(str(e["slurm_job_id"]) for e in events if e.get("slurm_job_id")))
+    return {
+        "run_dir": str(run_dir),
+        "state": state,
+        "last_step": metrics[-1]["step"] if metrics else None,
+        "last_loss": metrics[-1]["loss"] if metrics else None,
+        "last_checkpoint": str(latest) if latest else None,
+        "checkpoint_step": checkpoint.step_of(latest) if latest else None,
+        "starts": len(starts),
+        "restarts": max(len(starts) - 1, 0),
+        "slurm_job_ids": job_ids,
+        "slurm_restart_count": starts[-1].get("restart_count") if starts else None,
+    }
+
+
+def format_state(s: dict[str, Any]) -> str:
+    loss = f" (loss {s['last_loss']:.4f})" if s["last_loss"] is not None else ""
+    ckpt = f"step {s['checkpoint_step']}: {s['last_checkpoint']}" if s["last_checkpoint"] else "none"
+    jobs = ", ".join(s["slurm_job_ids"]) or "none (not run under SLURM)"
+    return (
+        f"{s['run_dir']}\n"
+        f"  state:           {s['state']}\n"
+        f"  last step:       {s['last_step']}{loss}\n"
+        f"  last checkpoint: {ckpt}\n"
+        f"  starts:          {s['starts']} ({s['restarts']} restarts)\n"
+        f"  SLURM jobs:      {jobs}"
+        + (
+            f" (SLURM_RESTART_COUNT {s['slurm_restart_count']})"
+            if s["slurm_job_ids"] and s["slurm_restart_count"] is not None
+            else ""
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print("usage: dlt-status RUN_DIR... [--json]")
+        return
+    as_json = "--json" in argv
+    for arg in (a for a in argv if a != "--json"):
+        try:
+            state = run_state(Path(arg))
+        except FileNotFoundError as err:
+            print(f"dlt-status: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(json.dumps(state) if as_json else format_state(state))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Training on a real SLURM cluster (`dlt-cluster up`: slurmctld + two slurmd on this host).
+
+Every job is a 2-node torchrun job (c10d rendezvous across the nodes). The reference is the
+same job run without interruption; interrupted jobs (warning signal, preemption by a
+high-priority job, time limit, kill -9 during a checkpoint; sbatch and submitit routes) must
+produce bitwise the same per-step losses.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import slurm_helpers as slurm
+from slurm_helpers import STEPS, TRAIN, dlt, events, losses, submitted_job, wait_for_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+PROFILE = ["cluster=dlt_local", "cluster.launcher=sbatch"]
+
+
+def submit_training(tmp: Path, name: str, extra: list[str] = (), layout: str = "ddp") -> tuple:
+    run_dir = tmp / name
+    out = dlt(
+        "train",
+        [*PROFILE, f"cluster.log_dir={tmp}/logs", f"cluster.job_name={name}", *TRAIN,
+         f"parallel={layout}", f"run.dir={run_dir}", *extra],
+        cwd=tmp,
+    )  # fmt: skip
+    job = submitted_job(out)
+    return job, run_dir, tmp / "logs" / f"{name}-{job}.out"
+
+
+def finished(job: str, run_dir: Path, log: Path, timeout_s: float = 240) -> dict[int, float]:
+    info = wait_for_job(job, timeout_s, log)
+    assert info["JobState"] == "COMPLETED", f"job {job}: {info}\n{log.read_text()[-3000:]}"
+    assert events(run_dir)[-1]["outcome"] == "finished", log.read_text()[-3000:]
+    return losses(run_dir)
+
+
+def assert_resumed_exactly(reference: dict, run_dir: Path, log: Path, got: dict) -> None:
+    starts = [e for e in events(run_dir) if e["event"] == "start"]
+    assert len(starts) >= 2, f"never restarted:\n{log.read_text()[-3000:]}"
+    assert starts[-1]["restart_count"] > 0  # SLURM_RESTART_COUNT as the job saw it
+    assert 0 < starts[1]["step"] < STEPS  # resumed from a mid-run checkpoint
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == reference  # bitwise: the same floats at every step
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted 2-node DDP job's per-step losses."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job, run_dir, log = submit_training(tmp, "reference")
+    got = finished(job, run_dir, log)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert "node 0: ranks 0-0 of 2" in log.read_text()
+    assert "node 1: ranks 1-1 of 2" in log.read_text()
+    return got
+
+
+def local_torchrun(tmp: Path, layout: str, extra: list[str] = ()) -> dict[int, float]:
+    run_dir = tmp / f"local-{layout}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "jobs.train", *TRAIN, f"parallel={layout}", f"run.dir={run_dir}", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return losses(run_dir)
+
+
+def test_two_node_ddp_matches_the_same_layout_run_locally(reference, tmp_path):
+    assert local_torchrun(tmp_path, "ddp") == reference
+
+
+def test_two_node_fsdp_matches_the_same_layout_run_locally(tmp_path):
+    short = ["train.max_steps=30"]
+    job, run_dir, log = submit_training(tmp_path, "fsdp", short, layout="fsdp")
+    assert finished(job, run_dir, log) == local_torchrun(tmp_path, "fsdp", short)
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes_exactly(reference, tmp_path):
+    job, run_dir, log = submit_training(tmp_path, "signalled")
+    slurm.wait_for_step(run_dir, random.randint(20, STEPS // 2))
+    # What SLURM does at --signal=USR1@N (our script asks for the job steps, not B:).
+    slurm.run(["scancel", "--signal=USR1", job])
+    got = finished(job, run_dir, log)
+    assert "training stopped" in log.read_text()
+    assert_resumed_exactly(reference, run_dir, log, got)
+
+
+def test_preemption_by_a_high_priority_job_requeues_and_resumes_exactly(reference, tmp_path):
+    job, run_dir, log = submit_training(tmp_path, "preempted", ["cluster.partition=low"])
+    slurm.wait_for_step(run_dir, random.randint(20, STEPS // 2))
+    high = slurm.run(
+        ["sbatch", "--parsable", "-p", "high", "-N", "2", "--exclusive", "-o", "/dev/null",
+         "--wrap", "sleep 2"]
+    ).strip()  # fmt: skip
+    assert wait_for_job(high, 120)["JobState"] == "COMPLETED"
+    got = finished(job, run_dir, log)
+    assert_resumed_exactly(reference, run_dir, log, got)
+
+
+def test_time_limit_signal_stops_requeues_and_resumes_exactly(reference, tmp_path):
+    # A 1-minute limit with the warning 50 s ahead: SLURM signals ~10 s into every attempt,
+    # so the run is stopped, requeued and resumed several times before it finishes.
+    limit = ["cluster.time_min=1", "cluster.signal_lead_s=50"]
+    job, run_dir, log = submit_training(tmp_path, "time-limited", limit)
+    got = finished(job, run_dir, log, timeout_s=400)
+    assert_resumed_exactly(reference, run_dir, log, got)
+
+
+def test_submitit_route_preempt_and_resume(reference, tmp_path):
+    run_dir = tmp_path / "submitit"
+    out = dlt(
+        "train",
+        ["cluster=dlt_local", "cluster.launcher=submitit", f"cluster.log_dir={tmp_path}/logs",
+         *TRAIN, "parallel=ddp", f"run.dir={run_dir}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    job = submitted_job(out)
+    slurm.wait_for_step(run_dir, random.randint(20, STEPS // 2))
+    # submitit asks SLURM for USR2 before the limit / on preemption, sent to the job steps.
+    slurm.run(["scancel", "--signal=USR2", job])
+    info = wait_for_job(job, 240)
+    folder = tmp_path / "logs" / "submitit" / job
+    log = next(folder.glob("*_0_log.out"))
+    assert info["JobState"] == "COMPLETED", (log.read_text() + next(folder.glob("*_0_log.err")).read_text())[-4000:]
+    err = next(folder.glob("*_0_log.err")).read_text()
+    assert "Requeued job" in err or "requeue" in err.lower(), err[-3000:]
+    assert_resumed_exactly(reference, run_dir, log, losses(run_dir))
+
+
+def test_kill_9_of_a_rank_during_a_checkpoint_resumes_from_the_previous_one(reference, tmp_path):
+    job, run_dir, log = submit_training(tmp_path, "killed")
+    ckpts = run_dir / "checkpoints"
+    victim_step = 500
+    deadline = time.monotonic() + 120
+    killed = None
+    while killed is None and time.monotonic() < deadline:
+        if (ckpts / f".step_{victim_step}.tmp").exists():
+            pids = training_pids(run_dir)
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        else:
+            time.sleep(0.002)
+    assert killed, "never saw the checkpoint being written"
+    got = finished(job, run_dir, log)
+    text = log.read_text()
+    assert "resuming from step 250" in text, text[-3000:]
+    assert got == reference
+
+
+def training_pids(run_dir: Path) -> list[int]:
+    """PIDs of the training processes (python -m jobs.train ... run.dir=<run_dir>)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"jobs.train" in cmd and f"run.dir={run_dir}".encode() in cmd and b"torch.distributed.run" not in b" ".join(cmd):
+            pids.append(int(proc.name))
+    return sorted(pids)
