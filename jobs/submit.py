@@ -214,12 +214,15 @@ def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> s
         import yaml
 
         print("# submitit AutoExecutor parameters (one task per node runs jobs.node)")
-        print(yaml.safe_dump({"folder": str(submitit_folder(p)), **params}, sort_keys=False), end="")
+        executor = {"folder": str(submitit_folder(p)), "slurm_max_num_timeout": p.max_requeues}
+        print(yaml.safe_dump({**executor, **params}, sort_keys=False), end="")
         print("# each task runs: " + shlex.join(["python", "-m", "jobs.node", *overrides]))
         return None
     import submitit
 
-    executor = submitit.AutoExecutor(folder=submitit_folder(p), cluster="slurm")
+    executor = submitit.AutoExecutor(
+        folder=submitit_folder(p), cluster="slurm", slurm_max_num_timeout=p.max_requeues
+    )
     executor.update_parameters(**params)
     job = executor.submit(TrainTask(overrides, p.processes_per_node, p.max_restarts))
     print(
@@ -245,7 +248,6 @@ def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:
         "tasks_per_node": 1,
         "timeout_min": p.time_min,
         "slurm_signal_delay_s": p.signal_lead_s,
-        "slurm_max_num_timeout": p.max_requeues,
         "slurm_setup": list(p.setup),
         "slurm_additional_parameters": extra,
     }
