@@ -23,6 +23,7 @@ from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, t
 from jobs.submit import ClusterProfile, check_profile, submit_training
 from trainer import checkpoint, distributed
 from trainer.config import Config, load_config
+from trainer.preemption import StopOnSignal
 from trainer.train import find_resume_point, run
 
 USAGE = (
@@ -35,36 +36,34 @@ NOT_TRAINING_KEYS = ("cluster", "dry_run", "hydra")
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print_help("dlt-train", "train", USAGE)
-        return
-    if "--multirun" in argv or "-m" in argv:
-        from jobs.sweep import sweep
-
-        sweep(argv)
-        return
-    with errors_as_one_line("dlt-train"):
-        composed = compose_config("train", argv)
-        profile = to_schema(ClusterProfile, composed.cluster)
-        check_profile(profile)
-        world_size = distributed.world_from_env().size
-        cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=world_size)
-        if not profile.is_local:
-            submit_training(profile, argv, bool(composed.get("dry_run", False)))
-            return
-        train_here(cfg)
+    # Catch a warning signal from the start: one that arrives while the config and model are
+    # being built stops the run after its first step (it would be lost otherwise).
+    early_signal = StopOnSignal()
+    try:
+        with errors_as_one_line("dlt-train"):
+            composed = compose_config("train", argv)
+            profile = to_schema(ClusterProfile, composed.cluster)
+            check_profile(profile)
+            world_size = distributed.world_from_env().size
+            cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=world_size)
+            if not profile.is_local:
+                submit_training(profile, argv, bool(composed.get("dry_run", False)))
+                return
+            train_here(cfg, early_signal)
+    finally:
+        early_signal.restore()
     # Only after success: on an error this rank exits at once (torchrun then stops the others)
     # instead of waiting in a barrier for ranks that are stuck in a collective.
     distributed.shutdown()
 
 
-def train_here(cfg: Config) -> None:
+def train_here(cfg: Config, early_signal: StopOnSignal | None = None) -> None:
     """Train in this process, reporting the start and the outcome for SLURM and dlt-status."""
     world = distributed.world_from_env()
     resume_from = find_resume_point(cfg) if cfg.resume != "none" else None
     announce_start(cfg, world, resume_from)
     try:
-        result = run(cfg)
+        result = run(cfg, stop_requested=early_signal)
     except BaseException:
         report_outcome(cfg, world, "failed", None)
         raise

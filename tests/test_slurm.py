@@ -8,8 +8,11 @@ produce bitwise the same per-step losses.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -110,13 +113,13 @@ def test_preemption_by_a_high_priority_job_requeues_and_resumes_exactly(referenc
 
 
 def test_time_limit_signal_stops_requeues_and_resumes_exactly(tmp_path):
-    # A 1-minute limit with the warning 50 s ahead. SLURM checks limits every 30 s, so the
-    # signal arrives 10 to 40 s into each attempt: a run of ~60 s is stopped, requeued and
-    # resumed one or more times before it finishes. Reference: the same layout run locally
-    # (bitwise equal to the 2-node job, see the parity tests).
-    steps = 4 * STEPS
+    # A 1-minute limit with the warning 20 s ahead. SLURM looks at limits every 30 s and
+    # sends the warning 20 to 50 s before the limit, i.e. 10 to 40 s into each attempt: a
+    # run of ~60 s is stopped, requeued and resumed one or more times before it finishes.
+    # Reference: the same layout run locally (bitwise equal to the 2-node job, see above).
+    steps = 3 * STEPS
     longer = [f"train.max_steps={steps}", "checkpoint.interval=1000"]
-    limit = ["cluster.time_min=1", "cluster.signal_lead_s=50"]
+    limit = ["cluster.time_min=1", "cluster.signal_lead_s=20"]
     job, run_dir, log = submit_training(tmp_path, "time-limited", longer + limit)
     reference = local_torchrun(tmp_path, "ddp", longer)
     got = finished(job, run_dir, log, timeout_s=500)
@@ -179,3 +182,47 @@ def training_pid(run_dir: Path, rank: int) -> int:
         ):
             return int(proc.name)
     raise AssertionError(f"no training process of rank {rank} for {run_dir}")
+
+
+def test_hydra_multirun_through_the_submitit_launcher_lands_two_jobs(tmp_path):
+    short = [a for a in TRAIN if not a.startswith("train.max_steps")] + ["train.max_steps=20"]
+    out = dlt(
+        "train",
+        ["--multirun", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=normal",
+         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path}/multirun", *short,
+         "train.lr=1e-3,3e-4", f"run.dir={tmp_path}/sweep/lr${{train.lr}}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    runs = sorted((tmp_path / "sweep").iterdir())
+    assert [r.name for r in runs] == ["lr0.0003", "lr0.001"], out
+    job_ids = set()
+    for run_dir in runs:
+        assert events(run_dir)[-1]["outcome"] == "finished"
+        assert sorted(losses(run_dir)) == list(range(1, 21))
+        job_ids.add(events(run_dir)[0]["slurm_job_id"])
+    assert len(job_ids) == 2  # two SLURM jobs (tasks of one array)
+    assert losses(runs[0]) != losses(runs[1])  # each job trained its own config
+
+
+def manifest_and_shards(out: Path) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.npy")}
+    return {"splits": manifest["splits"], "tokenizer": manifest["tokenizer"], "shards": shards}
+
+
+def test_prep_array_with_a_killed_task_completes_on_resubmission(tmp_path):
+    prep = ["data=sample", "data.chunk_mb=0.5", "workers=1"]
+    clean = dlt("prep", [*prep, f"data.out={tmp_path}/clean"], cwd=tmp_path)
+    assert "wrote" in clean
+    profile = ["cluster=dlt_local", "cluster.array_tasks=4", f"cluster.log_dir={tmp_path}/logs"]
+    out_dir = tmp_path / "array"
+    first = dlt("prep", [*profile, *prep, f"data.out={out_dir}"], cwd=tmp_path)
+    plan, array, final = re.search(r"plan (\d+) -> array (\d+) .* finalize (\d+)", first).groups()
+    slurm.run(["scancel", f"{array}_1"])  # one task of the array dies
+    assert wait_for_job(final, 180)["JobState"] == "CANCELLED"  # afterok never satisfied
+    assert not (out_dir / "manifest.json").exists()  # no manifest, no dataset
+    second = dlt("prep", [*profile, *prep, f"data.out={out_dir}"], cwd=tmp_path)
+    final = re.search(r"finalize (\d+)", second).group(1)
+    assert wait_for_job(final, 180)["JobState"] == "COMPLETED"
+    assert manifest_and_shards(out_dir) == manifest_and_shards(tmp_path / "clean")

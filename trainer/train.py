@@ -305,7 +305,8 @@ def run(
             save()  # the training stall; with async_save only the copy to CPU memory
             timer["checkpoint"] += time.perf_counter() - saving
         if stop:
-            why = f"signal {signals.received.name}" if signals.received else "stop requested"
+            received = signals.received or getattr(stop_requested, "received", None)
+            why = f"signal {received.name}" if received else "stop requested"
             result.stopped_early = why
             log.print(f"stopping at step {step} ({why}); run again to resume from here")
             break
