@@ -169,7 +169,9 @@ def munge_works() -> bool:
     token = subprocess.run([_which("munge"), "-n"], capture_output=True)
     if token.returncode != 0:
         return False
-    return subprocess.run([_which("unmunge")], input=token.stdout, capture_output=True).returncode == 0
+    return (
+        subprocess.run([_which("unmunge")], input=token.stdout, capture_output=True).returncode == 0
+    )
 
 
 def start_munge() -> int | None:

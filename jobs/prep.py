@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from data_prep import prep
 from data_prep.config import DataConfig
-from jobs.submit import ClusterProfile, check_profile, submit_prep
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
+from jobs.submit import ClusterProfile, check_profile, submit_prep
 from trainer.config import ConfigError
 
 USAGE = (

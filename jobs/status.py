@@ -59,7 +59,9 @@ def run_state(run_dir: Path) -> dict[str, Any]:
 
 def format_state(s: dict[str, Any]) -> str:
     loss = f" (loss {s['last_loss']:.4f})" if s["last_loss"] is not None else ""
-    ckpt = f"step {s['checkpoint_step']}: {s['last_checkpoint']}" if s["last_checkpoint"] else "none"
+    ckpt = (
+        f"step {s['checkpoint_step']}: {s['last_checkpoint']}" if s["last_checkpoint"] else "none"
+    )
     jobs = ", ".join(s["slurm_job_ids"]) or "none (not run under SLURM)"
     return (
         f"{s['run_dir']}\n"

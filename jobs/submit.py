@@ -74,7 +74,9 @@ class ClusterProfile:
 def check_profile(p: ClusterProfile) -> None:
     """One-line errors for values that cannot work or could escape their line."""
     if p.launcher not in LAUNCHERS:
-        raise ConfigError(f"cluster.launcher={p.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        raise ConfigError(
+            f"cluster.launcher={p.launcher!r}: expected one of {', '.join(LAUNCHERS)}"
+        )
     for f in fields(p):
         value = getattr(p, f.name)
         for item in value if isinstance(value, list) else [value]:
@@ -95,7 +97,9 @@ def check_profile(p: ClusterProfile) -> None:
         )
     for line in p.sbatch_extra:
         if not line.startswith("--"):
-            raise ConfigError(f"cluster.sbatch_extra: {line!r}: expected an option like --key=value")
+            raise ConfigError(
+                f"cluster.sbatch_extra: {line!r}: expected an option like --key=value"
+            )
 
 
 def sbatch_options(p: ClusterProfile, job_name: str, output: str, signal_name: str = "USR1"):
@@ -162,6 +166,7 @@ def train_script(p: ClusterProfile, overrides: list[str]) -> str:
         "DLT_PYTHON": python_of(p),
         "DLT_PROCS_PER_NODE": p.processes_per_node,
         "DLT_MAX_RESTARTS": p.max_restarts,
+        "DLT_MAX_REQUEUES": p.max_requeues,
         "DLT_LOG_DIR": logs,
     }
     return render_script(
@@ -213,15 +218,25 @@ def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> s
     if dry_run:
         import yaml
 
-        print("# submitit AutoExecutor parameters (one task per node runs jobs.node)")
-        executor = {"folder": str(submitit_folder(p)), "slurm_max_num_timeout": p.max_requeues}
+        print("# submitit AutoExecutor parameters")
+        executor = {
+            "folder": str(submitit_folder(p)),
+            "slurm_max_num_timeout": p.max_requeues,
+            "slurm_python": python_of(p),
+        }
         print(yaml.safe_dump({**executor, **params}, sort_keys=False), end="")
-        print("# each task runs: " + shlex.join(["python", "-m", "jobs.node", *overrides]))
+        print(
+            "# each task (one per node) runs torchrun as jobs.node does: "
+            + shlex.join(["torchrun", "...", "-m", "jobs.train", *overrides])
+        )
         return None
     import submitit
 
     executor = submitit.AutoExecutor(
-        folder=submitit_folder(p), cluster="slurm", slurm_max_num_timeout=p.max_requeues
+        folder=submitit_folder(p),
+        cluster="slurm",
+        slurm_max_num_timeout=p.max_requeues,
+        slurm_python=python_of(p),
     )
     executor.update_parameters(**params)
     job = executor.submit(TrainTask(overrides, p.processes_per_node, p.max_restarts))
@@ -238,7 +253,7 @@ def submitit_folder(p: ClusterProfile) -> Path:
 
 def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:
     """What `AutoExecutor.update_parameters` gets for a profile."""
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"requeue": True}  # allowed to requeue where JobRequeue=0
     for opt in p.sbatch_extra:
         key, sep, value = opt[2:].partition("=")
         extra[key.replace("-", "_")] = value if sep else True
@@ -286,9 +301,9 @@ class TrainTask:
         self._done = None
 
     def __call__(self) -> str:
-        from jobs.node import ignore_warning_signals, set_threads_per_process, torchrun_command
-
         import submitit
+
+        from jobs.node import ignore_warning_signals, set_threads_per_process, torchrun_command
 
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # meant for the training processes
         set_threads_per_process(self.procs_per_node)
@@ -331,11 +346,17 @@ def submit_prep(p: ClusterProfile, overrides: list[str], dry_run: bool) -> list[
     logs = log_dir(p)
     settings = {"DLT_PYTHON": python_of(p)}
     name = p.job_name if p.job_name != "dlt-train" else "dlt-prep"
-    output = f"{logs}/%x-%A_%a.out"
 
-    def options(extra: list[str]) -> list[str]:
-        opts = [o for o in sbatch_options(p, name, output) if not o.startswith("--signal")]
-        return [o for o in opts if o not in ("--requeue", "--ntasks-per-node=1")] + extra
+    def options(extra: list[str], output: str = f"{logs}/%x-%j.out") -> list[str]:
+        """One task on one node (tokenizing needs CPUs, not the training's GPU nodes)."""
+        opts = [f"--job-name={name}", "--nodes=1", "--ntasks=1"]
+        opts += [f"--{k}={v}" for k in ("partition", "account", "qos") if (v := getattr(p, k))]
+        if p.cpus_per_task:
+            opts.append(f"--cpus-per-task={p.cpus_per_task}")
+        if p.mem:
+            opts.append(f"--mem={p.mem}")
+        opts += [f"--time={p.time_min}", "--open-mode=append", f"--output={output}"]
+        return opts + list(p.sbatch_extra) + extra
 
     scripts = {
         "plan": render_script(
@@ -343,7 +364,7 @@ def submit_prep(p: ClusterProfile, overrides: list[str], dry_run: bool) -> list[
             f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (plan)",
         ),
         "chunks": render_script(
-            "prep.sbatch", options([f"--array=0-{p.array_tasks - 1}"]), settings,
+            "prep.sbatch", options([f"--array=0-{p.array_tasks - 1}"], f"{logs}/%x-%A_%a.out"), settings,
             ["phase=chunks", *overrides], p.setup,
             f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (chunks)",
         ),

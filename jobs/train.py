@@ -36,6 +36,14 @@ NOT_TRAINING_KEYS = ("cluster", "dry_run", "hydra")
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print_help("dlt-train", "train", USAGE)
+        return
+    if "--multirun" in argv or "-m" in argv:
+        from jobs.sweep import sweep
+
+        sweep(argv)
+        return
     # Catch a warning signal from the start: one that arrives while the config and model are
     # being built stops the run after its first step (it would be lost otherwise).
     early_signal = StopOnSignal()
@@ -60,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
 def train_here(cfg: Config, early_signal: StopOnSignal | None = None) -> None:
     """Train in this process, reporting the start and the outcome for SLURM and dlt-status."""
     world = distributed.world_from_env()
-    resume_from = find_resume_point(cfg) if cfg.resume != "none" else None
-    announce_start(cfg, world, resume_from)
     try:
+        resume_from = find_resume_point(cfg) if cfg.resume != "none" else None
+        announce_start(cfg, world, resume_from)
         result = run(cfg, stop_requested=early_signal)
     except BaseException:
         report_outcome(cfg, world, "failed", None)

@@ -65,9 +65,28 @@ def reference(tmp_path_factory) -> dict[int, float]:
     job, run_dir, log = submit_training(tmp, "reference")
     got = finished(job, run_dir, log)
     assert sorted(got) == list(range(1, STEPS + 1))
+    assert [e["event"] for e in events(run_dir)] == ["start", "end"]  # finished: no requeue
+    assert job_info_restarts(job) == 0
     assert "node 0: ranks 0-0 of 2" in log.read_text()
     assert "node 1: ranks 1-1 of 2" in log.read_text()
     return got
+
+
+def job_info_restarts(job: str) -> int:
+    return int(slurm.job_info(job)["Restarts"])
+
+
+def test_a_failing_run_is_retried_a_bounded_number_of_times_then_fails(tmp_path):
+    # An exception is not a preemption: torchrun restarts the processes cluster.max_restarts
+    # times, then the job fails instead of being requeued forever.
+    bad = ["cluster.max_restarts=2", "resume=/nonexistent/checkpoint"]
+    job, run_dir, log = submit_training(tmp_path, "failing", bad)
+    info = wait_for_job(job, 180, log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED", text[-3000:]
+    assert job_info_restarts(job) == 0  # never requeued
+    assert text.count("dlt-train: error: ") == 2 * 3  # 2 nodes x (1 + 2 restarts)
+    assert "training failed" in text
 
 
 def local_torchrun(tmp: Path, layout: str, extra: list[str] = ()) -> dict[int, float]:
@@ -141,7 +160,9 @@ def test_submitit_route_preempt_and_resume(reference, tmp_path):
     info = wait_for_job(job, 240)
     folder = tmp_path / "logs" / "submitit" / job
     log = next(folder.glob("*_0_log.out"))
-    assert info["JobState"] == "COMPLETED", (log.read_text() + next(folder.glob("*_0_log.err")).read_text())[-4000:]
+    assert info["JobState"] == "COMPLETED", (
+        log.read_text() + next(folder.glob("*_0_log.err")).read_text()
+    )[-4000:]
     err = next(folder.glob("*_0_log.err")).read_text()
     assert "Requeued job" in err or "requeue" in err.lower(), err[-3000:]
     assert_resumed_exactly(reference, run_dir, log, losses(run_dir))

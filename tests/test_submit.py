@@ -61,7 +61,9 @@ def test_dry_run_of_the_submitit_route_prints_its_parameters(tmp_path):
     assert "slurm_partition: normal" in out.stdout
     assert "slurm_qos: high" in out.stdout
     assert "nodes: 2" in out.stdout and "tasks_per_node: 1" in out.stdout
-    params = submitit_parameters(ClusterProfile(name="x", sbatch_extra=["--constraint=a100", "--exclusive"]))
+    params = submitit_parameters(
+        ClusterProfile(name="x", sbatch_extra=["--constraint=a100", "--exclusive"])
+    )
     assert params["slurm_additional_parameters"] == {"constraint": "a100", "exclusive": True}
 
 
@@ -82,7 +84,10 @@ def test_hostile_profile_and_override_values_stay_data(tmp_path):
     out = subprocess.run(["bash"], input=probe, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        f"run.name={hostile}", "model=tiny", hostile, str(tmp_path / hostile)
+        f"run.name={hostile}",
+        "model=tiny",
+        hostile,
+        str(tmp_path / hostile),
     ]
     assert not canary.exists()
     # #SBATCH lines are read by sbatch, not the shell: each value stays on its own line.

@@ -148,8 +148,8 @@ def run(
     """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened.
 
     Runs as one process or as one rank of a `torchrun` job (the layout comes from
-    `cfg.parallel`). After every optimizer step the ranks agree whether to stop: on SIGUSR1 or
-    SIGTERM (a scheduler's warning), or when `stop_requested(step)` returns True on any rank,
+    `cfg.parallel`). After every optimizer step the ranks agree whether to stop: on SIGUSR1, SIGUSR2
+    or SIGTERM (a scheduler's warning), or when `stop_requested(step)` returns True on any rank,
     every rank saves a checkpoint and returns.
     """
     cfg = load_config(cfg, world_size=distributed.world_from_env().size)
