@@ -64,7 +64,9 @@ def test_dry_run_of_the_submitit_route_prints_its_parameters(tmp_path):
     params = submitit_parameters(
         ClusterProfile(name="x", sbatch_extra=["--constraint=a100", "--exclusive"])
     )
-    assert params["slurm_additional_parameters"] == {"constraint": "a100", "exclusive": True}
+    extra = params["slurm_additional_parameters"]
+    assert extra == {"requeue": True, "constraint": "a100", "exclusive": True}
+    assert "slurm_python:" in out.stdout
 
 
 def test_hostile_profile_and_override_values_stay_data(tmp_path):
