@@ -8,7 +8,8 @@ this (the login) side, by watching the run directory:
 - submit -> first step: sbatch, scheduling, torchrun rendezvous, model build, first step;
 - signal -> checkpoint complete: the step in flight, the agreement, writing the checkpoint;
 - checkpoint -> running again: the job's end, `scontrol requeue`, scheduling;
-- running again -> first step after resume: start-up plus loading the checkpoint.
+- running again -> first step after resume: start-up plus loading the checkpoint;
+- and, from the job's log, the checkpoint's own write and load times.
 
 Needs a SLURM cluster (`dlt-cluster up` for the local one) and `SLURM_CONF` if not default.
 
@@ -86,7 +87,12 @@ def measure(model: str, profile: str, work: Path, steps_before: int) -> dict[str
         t_resumed = wait_until(lambda: last_step(run_dir) > saved_step, 900, "a resumed step")
     finally:
         subprocess.run(["scancel", job])
+    log = (work / "logs" / f"bench-{model}-{job}.out").read_text()
+    write_s = re.search(rf"checkpoint saved: \S*step_{saved_step} \(written in ([\d.]+) s\)", log)
+    load_s = re.search(r"loaded in ([\d.]+) s", log)
     return {
+        "write_s": float(write_s.group(1)) if write_s else float("nan"),
+        "load_s": float(load_s.group(1)) if load_s else float("nan"),
         "submit_to_first_step_s": t_first - t_submit,
         "signal_to_checkpoint_s": t_saved - t_signal,
         "checkpoint_to_running_s": t_running - t_saved,
@@ -109,13 +115,14 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(
                 f"| {model} | {r['checkpoint_gib']:.3f} | {r['submit_to_first_step_s']:.1f} | "
                 f"{r['signal_to_checkpoint_s']:.1f} | {r['checkpoint_to_running_s']:.1f} | "
-                f"{r['running_to_resumed_step_s']:.1f} |"
+                f"{r['running_to_resumed_step_s']:.1f} | {r['write_s']:.2f} | {r['load_s']:.2f} |"
             )
             print(rows[-1], flush=True)
     table = (
         "| model | checkpoint GiB | submit → first step s | signal → checkpoint complete s | "
-        "checkpoint → running again s | running again → first resumed step s |\n"
-        "|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
+        "checkpoint → running again s | running again → first resumed step s | "
+        "checkpoint write s | checkpoint load s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
     print(table)
     if not args.no_write:

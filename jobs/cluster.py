@@ -35,7 +35,8 @@ SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MARKER = "# written by dlt-cluster"
 MUNGE_PID = Path("/run/munge/munged.pid")
 
-USAGE = """usage: dlt-cluster up|down|status [nodes=N] [cpus=C] [mem_mb=M] [port=P] [dir=PATH]
+USAGE = """usage: dlt-cluster up|down|status [nodes=N] [cpus=C] [mem_mb=M] [port=P] [grace_s=S]
+                                    [dir=PATH]
 
   up      install (as root, from Debian's packages) and start a SLURM cluster of N nodes
           (default 2) on this machine; partitions normal (default), low and high (high
@@ -183,6 +184,7 @@ def start_munge() -> int | None:
     run_dir = MUNGE_PID.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.chown(run_dir, "munge", "munge")
+    MUNGE_PID.unlink(missing_ok=True)  # a stale one would name some other process
     _run(["runuser", "-u", "munge", "--", _which("munged")])
     pid = _wait_pidfile(MUNGE_PID)
     if not _wait(munge_works, 10):
@@ -205,38 +207,56 @@ def _wait_pidfile(path: Path, timeout_s: float = 10) -> int:
     return int(path.read_text().strip())
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, name: str | None = None) -> bool:
+    """Whether `pid` runs (not a zombie), and if `name` is given, runs that program: a PID
+    recorded long ago may belong to another process by now, which we must not stop."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purpose.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except OSError:
         return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return name is None or Path(cmdline).name == name
 
 
 def up(spec: ClusterSpec) -> None:
-    pids_file = spec.root / "pids.json"
-    if pids_file.exists() and any(_alive(p) for p in _read_pids(spec).values()):
+    controller = _read_pids(spec).get("slurmctld")
+    if controller and _alive(controller, "slurmctld"):
         print(f"dlt-cluster: already up ({spec.conf})")
         return
+    if spec.conf.exists() and spec.conf.read_text().startswith(MARKER):
+        shutil.rmtree(spec.root)  # a stale cluster of ours (daemons gone): start clean
+    elif spec.root.exists() and any(spec.root.iterdir()):
+        raise ClusterError(f"dir={spec.root} exists and is not a dlt-cluster folder")
     install()
     for sub in ("state", "log", *(f"spool/{n}" for n in spec.node_names())):
         (spec.root / sub).mkdir(parents=True, exist_ok=True)
     spec.conf.write_text(slurm_conf(spec))
     (spec.root / "spec.json").write_text(json.dumps(spec.__dict__))
-    pids: dict[str, int] = {}
     started = time.monotonic()
+    try:
+        _start_daemons(spec)
+    except BaseException:
+        down(spec, quiet=True)  # stop whatever did start; nothing half-up stays behind
+        raise
+    print(
+        f"dlt-cluster: up in {time.monotonic() - started:.1f} s: {spec.nodes} nodes "
+        f"({', '.join(spec.node_names())}), partitions normal/low/high\n"
+        f"export SLURM_CONF={spec.conf}"
+    )
+
+
+def _start_daemons(spec: ClusterSpec) -> None:
+    """munged (unless one answers), slurmctld, one slurmd per node; each PID recorded as soon
+    as it is known, so that `down` can stop exactly these processes."""
+    pids: dict[str, int] = {}
     munge_pid = start_munge()
     if munge_pid:
         pids["munged"] = munge_pid
     _save_pids(spec, pids)
     _link_system_conf(spec)
-    _run([_which("slurmctld"), "-f", str(spec.conf)])
+    _run([_which("slurmctld"), "-c", "-f", str(spec.conf)])  # -c: no state from an old run
     pids["slurmctld"] = _wait_pidfile(spec.root / "slurmctld.pid")
     _save_pids(spec, pids)
     for name in spec.node_names():
@@ -245,11 +265,6 @@ def up(spec: ClusterSpec) -> None:
         _save_pids(spec, pids)
     if not _wait(lambda: _idle_nodes(spec) == spec.nodes, 30):
         raise ClusterError(f"nodes did not become idle; see {spec.root}/log")
-    print(
-        f"dlt-cluster: up in {time.monotonic() - started:.1f} s: {spec.nodes} nodes "
-        f"({', '.join(spec.node_names())}), partitions normal/low/high\n"
-        f"export SLURM_CONF={spec.conf}"
-    )
 
 
 def _idle_nodes(spec: ClusterSpec) -> int:
@@ -276,38 +291,47 @@ def _read_pids(spec: ClusterSpec) -> dict[str, int]:
         return {}
 
 
-def down(spec: ClusterSpec) -> None:
+def down(spec: ClusterSpec, quiet: bool = False) -> None:
     """Cancel the cluster's jobs, stop its daemons (by recorded PID), remove its folder."""
     pids = _read_pids(spec)
-    if not pids and not spec.root.exists():
-        print("dlt-cluster: not up")
+    if not (spec.conf.exists() and spec.conf.read_text().startswith(MARKER)):
+        print(f"dlt-cluster: no cluster in {spec.root}")
         return
     env = _client_env(spec)
-    if any(_alive(p) for k, p in pids.items() if k == "slurmctld"):
-        _run(["scancel", "--full", "--user", str(os.geteuid())], env, check=False)
-        _wait(lambda: not _run(["squeue", "-h"], env, check=False).strip(), 60)
+    if _alive(pids.get("slurmctld", 0), "slurmctld"):
+        jobs = _run(["squeue", "-h", "-o", "%i"], env, check=False).split()
+        if jobs:
+            _run(["scancel", "--full", *jobs], env, check=False)
+        if not _wait(lambda: not _run(["squeue", "-h"], env, check=False).strip(), 60):
+            left = " ".join(_run(["squeue", "-h", "-o", "%i"], env, check=False).split())
+            print(f"dlt-cluster: warning: jobs {left} did not end; their processes may remain")
     # Nodes first (their job steps end with them), the controller, then munge.
-    order = sorted(pids, key=lambda k: (k == "munged", k == "slurmctld"))
-    for name in order:
-        _stop(pids[name])
+    for name in sorted(pids, key=lambda k: (k == "munged", k == "slurmctld")):
+        _stop(pids[name], _program(name))
     if SYSTEM_CONF.is_symlink() and os.readlink(SYSTEM_CONF) == str(spec.conf):
         SYSTEM_CONF.unlink()
     shutil.rmtree(spec.root, ignore_errors=True)
-    print(f"dlt-cluster: down ({len(pids)} daemons stopped)")
+    if not quiet:
+        print(f"dlt-cluster: down ({len(pids)} daemons stopped)")
 
 
-def _stop(pid: int, timeout_s: float = 10) -> None:
-    if not _alive(pid):
+def _program(daemon: str) -> str:
+    """The executable behind a daemon's key in pids.json (slurmd-n1 -> slurmd)."""
+    return daemon.split("-")[0]
+
+
+def _stop(pid: int, name: str, timeout_s: float = 10) -> None:
+    if not _alive(pid, name):
         return
     os.kill(pid, signal.SIGTERM)
-    if not _wait(lambda: not _alive(pid), timeout_s):
+    if not _wait(lambda: not _alive(pid, name), timeout_s):
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: not _alive(pid), 5)
+        _wait(lambda: not _alive(pid, name), 5)
 
 
 def status(spec: ClusterSpec) -> None:
     pids = _read_pids(spec)
-    alive = {k: p for k, p in pids.items() if _alive(p)}
+    alive = {k: p for k, p in pids.items() if _alive(p, _program(k))}
     if "slurmctld" not in alive:
         print(f"dlt-cluster: not up ({spec.root})")
         raise SystemExit(1)
@@ -324,7 +348,9 @@ def parse(argv: list[str]) -> tuple[str, ClusterSpec]:
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
         if not sep or key not in spec.__dataclass_fields__:
-            raise ClusterError(f"{arg!r}: expected one of nodes=, cpus=, mem_mb=, port=, dir=")
+            raise ClusterError(
+                f"{arg!r}: expected one of nodes=, cpus=, mem_mb=, port=, grace_s=, dir="
+            )
         if key == "dir":
             spec.dir = value
         else:

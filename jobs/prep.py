@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     with errors_as_one_line("dlt-prep"):
         cfg, profile, dry_run = parse(argv)
         if profile.is_local:
+            if dry_run:
+                raise ConfigError("dry_run=true needs a SLURM profile (cluster=<profile>)")
             run(cfg)
         else:
             submit_prep(profile, argv, dry_run)

@@ -36,10 +36,10 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
     events = read_jsonl(run_dir / "jobs.jsonl")
     starts = [e for e in events if e.get("event") == "start"]
-    ends = [e for e in events if e.get("event") == "end"]
     latest = checkpoint.latest(run_dir)
-    if ends and (not starts or ends[-1]["time"] >= starts[-1]["time"]):
-        state = ends[-1]["outcome"]  # finished | stopped | failed
+    last = events[-1] if events else {}
+    if last.get("event") == "end":
+        state = last["outcome"]  # finished | stopped | failed
     else:
         state = "running (or killed)" if starts else "unknown"
     job_ids = list(dict.fromkeys(str(e["slurm_job_id"]) for e in events if e.get("slurm_job_id")))

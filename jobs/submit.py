@@ -35,6 +35,7 @@ from trainer.config import ConfigError
 LAUNCHERS = ("submitit", "sbatch")
 BODY_MARKER = "# ---- body:"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=|$)")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ClusterProfile:
     max_restarts: int = 1  # after a failure (an exception), torchrun restarts at most this often
     max_requeues: int = 100  # preemptions / time limits survived (submitit's max_num_timeout)
     job_name: str = "dlt-train"
+    prep_job_name: str = "dlt-prep"
     log_dir: str = "logs"
     python: str | None = None  # the Python with this project on the nodes; null = this one
     setup: list[str] = field(default_factory=list)  # shell lines run first on the first node
@@ -96,30 +98,58 @@ def check_profile(p: ClusterProfile) -> None:
             f"(cluster.time_min={p.time_min})"
         )
     for line in p.sbatch_extra:
-        if not line.startswith("--"):
+        if not _OPTION.match(line):
             raise ConfigError(
                 f"cluster.sbatch_extra: {line!r}: expected an option like --key=value"
             )
+    for key in ("procs_per_node", "cpus_per_task"):
+        if getattr(p, key) is not None and getattr(p, key) < 1:
+            raise ConfigError(f"cluster.{key}={getattr(p, key)}: must be >= 1 (or null)")
 
 
-def sbatch_options(p: ClusterProfile, job_name: str, output: str, signal_name: str = "USR1"):
-    """The `#SBATCH` options of a profile, in order."""
-    opts = [f"--job-name={job_name}", f"--nodes={p.nodes}", "--ntasks-per-node=1"]
-    opts += [f"--{k}={v}" for k in ("partition", "account", "qos") if (v := getattr(p, k))]
-    if p.gpus_per_node:
-        opts.append(f"--gpus-per-node={p.gpus_per_node}")
+def sbatch_line(option: str, value: Any = None) -> str:
+    """`--option=value` as sbatch reads it on an `#SBATCH` line: sbatch splits such a line like
+    a shell does (but runs nothing), so the value is shell-quoted to stay one value."""
+    return f"--{option}" if value is None else f"--{option}={shlex.quote(str(value))}"
+
+
+def common_options(p: ClusterProfile, job_name: str, output: str) -> list[str]:
+    """The `#SBATCH` options every job of a profile has (where, how long, which log)."""
+    opts = [sbatch_line("job-name", job_name)]
+    opts += [sbatch_line(k, v) for k in ("partition", "account", "qos") if (v := getattr(p, k))]
     if p.cpus_per_task:
-        opts.append(f"--cpus-per-task={p.cpus_per_task}")
+        opts.append(sbatch_line("cpus-per-task", p.cpus_per_task))
     if p.mem:
-        opts.append(f"--mem={p.mem}")
+        opts.append(sbatch_line("mem", p.mem))
     opts += [
-        f"--time={p.time_min}",
-        f"--signal={signal_name}@{p.signal_lead_s}",
-        "--requeue",
-        "--open-mode=append",
-        f"--output={output}",
+        sbatch_line("time", p.time_min),
+        sbatch_line("open-mode", "append"),  # a requeued job appends to its log
+        sbatch_line("output", output),
     ]
-    return opts + list(p.sbatch_extra)
+    return opts
+
+
+def extra_pairs(p: ClusterProfile) -> list[tuple[str, str | None]]:
+    """`cluster.sbatch_extra` as (option, value or None for a flag)."""
+    pairs = []
+    for opt in p.sbatch_extra:
+        key, sep, value = opt[2:].partition("=")
+        pairs.append((key, value if sep else None))
+    return pairs
+
+
+def extra_options(p: ClusterProfile) -> list[str]:
+    return [sbatch_line(key, value) for key, value in extra_pairs(p)]
+
+
+def train_options(p: ClusterProfile, output: str) -> list[str]:
+    """The `#SBATCH` options of a training job: N nodes, one task each, warning signal."""
+    opts = common_options(p, p.job_name, output)
+    opts += [sbatch_line("nodes", p.nodes), sbatch_line("ntasks-per-node", 1)]
+    if p.gpus_per_node:
+        opts.append(sbatch_line("gpus-per-node", p.gpus_per_node))
+    opts += [sbatch_line("signal", f"USR1@{p.signal_lead_s}"), sbatch_line("requeue")]
+    return opts + extra_options(p)
 
 
 def script_body(name: str) -> str:
@@ -171,7 +201,7 @@ def train_script(p: ClusterProfile, overrides: list[str]) -> str:
     }
     return render_script(
         "train.sbatch",
-        sbatch_options(p, p.job_name, f"{logs}/%x-%j.out"),
+        train_options(p, f"{logs}/%x-%j.out"),
         settings,
         overrides,
         p.setup,
@@ -239,7 +269,8 @@ def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> s
         slurm_python=python_of(p),
     )
     executor.update_parameters(**params)
-    job = executor.submit(TrainTask(overrides, p.processes_per_node, p.max_restarts))
+    task = TrainTask(overrides, p.processes_per_node, p.max_restarts, p.signal_lead_s)
+    job = executor.submit(task)
     print(
         f"dlt-train: submitted job {job.job_id} (submitit); logs {job.paths.stdout} "
         f"and {job.paths.stderr}"
@@ -254,9 +285,8 @@ def submitit_folder(p: ClusterProfile) -> Path:
 def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:
     """What `AutoExecutor.update_parameters` gets for a profile."""
     extra: dict[str, Any] = {"requeue": True}  # allowed to requeue where JobRequeue=0
-    for opt in p.sbatch_extra:
-        key, sep, value = opt[2:].partition("=")
-        extra[key.replace("-", "_")] = value if sep else True
+    for key, value in extra_pairs(p):
+        extra[key.replace("-", "_")] = True if value is None else value
     params: dict[str, Any] = {
         "name": p.job_name,
         "nodes": p.nodes,
@@ -275,30 +305,34 @@ def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:
         "slurm_mem": p.mem,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
+    if p.cpus_per_task:  # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05)
+        params["slurm_srun_args"] = [f"--cpus-per-task={p.cpus_per_task}"]
     return params
 
 
 class TrainTask:
-    """The function submitit runs once per node: torchrun (via `jobs.node`) as a child process.
+    """The function submitit runs once per node: torchrun (as `jobs.node` builds it) as a child.
 
-    submitit's protocol: on the warning signal (USR2 for submitit jobs) submitit calls
-    `checkpoint()` in the first task. The training processes got the same signal and are
-    writing their checkpoint; `checkpoint()` waits for them to exit, then hands submitit a
-    fresh copy of this task to requeue, which resumes from that checkpoint.
+    submitit's protocol: on the warning signal (USR2 for submitit jobs) submitit's handler
+    calls `checkpoint()` in the first task, then requeues the job. The training processes got
+    the same signal and are writing their checkpoint, so this task puts a handler of its own in
+    front of submitit's: wait for torchrun to exit (at most `stop_timeout_s`), then let
+    submitit requeue. `checkpoint()` hands submitit a fresh copy of this task, which resumes
+    from that checkpoint. (The same front handler makes Hydra's submitit launcher, whose own
+    `checkpoint()` requeues at once, wait too.)
     """
 
-    def __init__(self, overrides: list[str], procs_per_node: int, max_restarts: int):
+    def __init__(
+        self,
+        overrides: list[str],
+        procs_per_node: int,
+        max_restarts: int,
+        stop_timeout_s: float = 600,
+    ):
         self.overrides = list(overrides)
         self.procs_per_node = procs_per_node
         self.max_restarts = max_restarts
-        self._done: threading.Event | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._done = None
+        self.stop_timeout_s = stop_timeout_s
 
     def __call__(self) -> str:
         import submitit
@@ -309,19 +343,28 @@ class TrainTask:
         set_threads_per_process(self.procs_per_node)
         job = submitit.JobEnvironment()
         outcome_file = Path(job.paths.folder) / f"{job.job_id}.outcome"
-        env = {**os.environ, "DLT_OUTCOME_FILE": str(outcome_file)}
         outcome_file.unlink(missing_ok=True)
+        env = {**os.environ, "DLT_OUTCOME_FILE": str(outcome_file)}
         command = torchrun_command(self.overrides, self.procs_per_node, self.max_restarts)
+        # A helper thread waits for torchrun, so that the signal handler (which runs on this
+        # thread) can wait for it too without a deadlock.
+        done = threading.Event()
+        submitits_handler = signal.getsignal(signal.SIGUSR2)
+
+        def wait_then_requeue(signum: int, frame: Any) -> None:
+            done.wait(self.stop_timeout_s)  # the training processes are saving
+            if callable(submitits_handler):
+                submitits_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR2, wait_then_requeue)
         proc = subprocess.Popen(command, env=env, preexec_fn=ignore_warning_signals)
-        # A helper thread waits for torchrun, so that checkpoint() (run by submitit inside a
-        # signal handler on this thread) can wait for it too without a deadlock.
-        self._done = threading.Event()
         returncode: list[int] = []
         threading.Thread(
-            target=lambda: (returncode.append(proc.wait()), self._done.set()), daemon=True
+            target=lambda: (returncode.append(proc.wait()), done.set()), daemon=True
         ).start()
-        while not self._done.wait(1.0):
+        while not done.wait(1.0):
             pass
+        signal.signal(signal.SIGUSR2, submitits_handler)
         outcome = outcome_file.read_text().strip() if outcome_file.exists() else "failed"
         if outcome == "failed" or returncode[0] != 0:
             raise RuntimeError(f"training failed (torchrun exit {returncode[0]}); see the log")
@@ -330,10 +373,9 @@ class TrainTask:
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
 
-        if self._done is not None:
-            while not self._done.wait(1.0):  # the training processes are saving
-                pass
-        fresh = TrainTask(self.overrides, self.procs_per_node, self.max_restarts)
+        fresh = TrainTask(
+            self.overrides, self.procs_per_node, self.max_restarts, self.stop_timeout_s
+        )
         return submitit.helpers.DelayedSubmission(fresh)
 
 
@@ -345,18 +387,12 @@ def submit_prep(p: ClusterProfile, overrides: list[str], dry_run: bool) -> list[
     overrides = strip_cluster_overrides(overrides)
     logs = log_dir(p)
     settings = {"DLT_PYTHON": python_of(p)}
-    name = p.job_name if p.job_name != "dlt-train" else "dlt-prep"
+    name = p.prep_job_name
 
     def options(extra: list[str], output: str = f"{logs}/%x-%j.out") -> list[str]:
         """One task on one node (tokenizing needs CPUs, not the training's GPU nodes)."""
-        opts = [f"--job-name={name}", "--nodes=1", "--ntasks=1"]
-        opts += [f"--{k}={v}" for k in ("partition", "account", "qos") if (v := getattr(p, k))]
-        if p.cpus_per_task:
-            opts.append(f"--cpus-per-task={p.cpus_per_task}")
-        if p.mem:
-            opts.append(f"--mem={p.mem}")
-        opts += [f"--time={p.time_min}", "--open-mode=append", f"--output={output}"]
-        return opts + list(p.sbatch_extra) + extra
+        one_task = [sbatch_line("nodes", 1), sbatch_line("ntasks", 1)]
+        return common_options(p, name, output) + one_task + extra_options(p) + extra
 
     scripts = {
         "plan": render_script(
@@ -364,7 +400,12 @@ def submit_prep(p: ClusterProfile, overrides: list[str], dry_run: bool) -> list[
             f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (plan)",
         ),
         "chunks": render_script(
-            "prep.sbatch", options([f"--array=0-{p.array_tasks - 1}"], f"{logs}/%x-%A_%a.out"), settings,
+            "prep.sbatch",
+            options(
+                [sbatch_line("array", f"0-{p.array_tasks - 1}"), "--kill-on-invalid-dep=yes"],
+                f"{logs}/%x-%A_%a.out",
+            ),
+            settings,
             ["phase=chunks", *overrides], p.setup,
             f"sbatch/prep.sbatch filled from cluster profile {p.name!r} by dlt-prep (chunks)",
         ),

@@ -36,9 +36,8 @@ def train_one(composed: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = str(Path(composed.run.dir).absolute())  # resolved here, where ${hydra:...} works
     with errors_as_one_line("dlt-train"):
-        cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=1)
         on_slurm = "submitit" in str(hydra_cfg.launcher.get("_target_", ""))
-        if on_slurm and "SLURM_JOB_ID" in os.environ:
+        if on_slurm and "SLURM_JOB_ID" in os.environ:  # torchrun's processes check the config
             profile = to_schema(ClusterProfile, composed.cluster)
             overrides = [
                 o
@@ -47,5 +46,5 @@ def train_one(composed: DictConfig) -> str:
             ]
             task = TrainTask([*overrides, f"run.dir={run_dir}"], profile.processes_per_node, 0)
             return task()
-        train_here(cfg)
+        train_here(load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=1))
     return "finished"

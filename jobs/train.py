@@ -12,6 +12,15 @@ stopped run. Rank 0 also appends start/end events to `<run.dir>/jobs.jsonl` (`dl
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # A training process (`python -m jobs.train` under torchrun/srun): catch SLURM's warning
+    # signal before the slow imports below, so one that arrives meanwhile is not lost.
+    from trainer.preemption import StopOnSignal
+
+    EARLY_SIGNAL: StopOnSignal | None = StopOnSignal()
+else:
+    EARLY_SIGNAL = None
+
 import json
 import os
 import socket
@@ -22,8 +31,8 @@ from pathlib import Path
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, to_schema, wants_help
 from jobs.submit import ClusterProfile, check_profile, submit_training
 from trainer import checkpoint, distributed
-from trainer.config import Config, load_config
-from trainer.preemption import StopOnSignal
+from trainer.config import Config, ConfigError, load_config
+from trainer.preemption import StopOnSignal  # noqa: F811 (also imported early, above)
 from trainer.train import find_resume_point, run
 
 USAGE = (
@@ -46,17 +55,33 @@ def main(argv: list[str] | None = None) -> None:
         return
     # Catch a warning signal from the start: one that arrives while the config and model are
     # being built stops the run after its first step (it would be lost otherwise).
-    early_signal = StopOnSignal()
+    early_signal = EARLY_SIGNAL or StopOnSignal()
     try:
         with errors_as_one_line("dlt-train"):
             composed = compose_config("train", argv)
             profile = to_schema(ClusterProfile, composed.cluster)
             check_profile(profile)
-            world_size = distributed.world_from_env().size
-            cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=world_size)
+            dry_run = bool(composed.get("dry_run", False))
+            # Checked here with the world size the job will have, before anything is submitted.
+            world_size = (
+                distributed.world_from_env().size
+                if profile.is_local
+                else profile.nodes * profile.processes_per_node
+            )
+            try:
+                cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=world_size)
+            except ConfigError as err:
+                if profile.is_local:
+                    raise
+                raise ConfigError(
+                    f"{err} (cluster.nodes={profile.nodes} x {profile.processes_per_node} "
+                    "processes per node)"
+                ) from None
             if not profile.is_local:
-                submit_training(profile, argv, bool(composed.get("dry_run", False)))
+                submit_training(profile, argv, dry_run)
                 return
+            if dry_run:
+                raise ConfigError("dry_run=true needs a SLURM profile (cluster=<profile>)")
             train_here(cfg, early_signal)
     finally:
         early_signal.restore()
@@ -94,8 +119,10 @@ def announce_start(cfg: Config, world: distributed.World, resume_from: Path | No
     info = slurm_info()
     if world.local_rank == 0:
         last_rank = world.rank + world.local_size - 1
-        job = f"SLURM job {info['slurm_job_id']} restart {info['restart_count']}, " * bool(
-            info["slurm_job_id"]
+        job = (
+            f"SLURM job {info['slurm_job_id']} restart {info['restart_count']}, "
+            if info["slurm_job_id"]
+            else ""
         )
         print(
             f"dlt-train: {socket.gethostname()} node {os.environ.get('GROUP_RANK', 0)}: "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import slurm_helpers as slurm
+import yaml
 from slurm_helpers import STEPS, TRAIN, dlt, events, losses, submitted_job, wait_for_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -85,7 +86,8 @@ def test_a_failing_run_is_retried_a_bounded_number_of_times_then_fails(tmp_path)
     text = log.read_text()
     assert info["JobState"] == "FAILED", text[-3000:]
     assert job_info_restarts(job) == 0  # never requeued
-    assert text.count("dlt-train: error: ") == 2 * 3  # 2 nodes x (1 + 2 restarts)
+    # Each node's torchrun runs its processes at most 1 + max_restarts times.
+    assert 3 <= text.count("dlt-train: error: ") <= 2 * 3, text[-3000:]
     assert "training failed" in text
 
 
@@ -164,7 +166,7 @@ def test_submitit_route_preempt_and_resume(reference, tmp_path):
         log.read_text() + next(folder.glob("*_0_log.err")).read_text()
     )[-4000:]
     err = next(folder.glob("*_0_log.err")).read_text()
-    assert "Requeued job" in err or "requeue" in err.lower(), err[-3000:]
+    assert "Requeued job" in err, err[-3000:]
     assert_resumed_exactly(reference, run_dir, log, losses(run_dir))
 
 
@@ -174,16 +176,26 @@ def test_kill_9_of_a_rank_during_a_checkpoint_resumes_from_the_previous_one(refe
     job, run_dir, log = submit_training(tmp_path, "killed")
     slurm.wait_for_step(run_dir, 10)
     rank0 = training_pid(run_dir, rank=0)  # rank 0 is the one that would publish the checkpoint
-    writing = run_dir / "checkpoints" / ".step_500.tmp"
-    deadline = time.monotonic() + 120
-    while not writing.exists():
-        assert time.monotonic() < deadline, "never saw checkpoint step 500 being written"
+    ckpts = run_dir / "checkpoints"
+    for step in (500, 750):  # the first checkpoint caught while it is being written
+        deadline = time.monotonic() + 120
+        while not (ckpts / f".step_{step}.tmp").exists():
+            assert time.monotonic() < deadline, f"never saw checkpoint {step} being written"
+            time.sleep(0.001)
+        os.kill(rank0, signal.SIGSTOP)  # freeze it mid-write, then make sure it was mid-write
+        if not (ckpts / f"step_{step}").exists():
+            break
+        os.kill(rank0, signal.SIGCONT)  # too late: published already; catch the next one
+    else:
+        raise AssertionError("could not catch a checkpoint in the middle of its write")
     os.kill(rank0, signal.SIGKILL)
+    previous = step - 250
     got = finished(job, run_dir, log)
     text = log.read_text()
-    assert "resuming from step 250" in text, text[-3000:]
-    starts = [e for e in events(run_dir) if e["event"] == "start"]
-    assert [e["step"] for e in starts] == [0, 250]
+    assert f"resuming from step {previous}" in text, text[-3000:]
+    starts = [e["step"] for e in events(run_dir) if e["event"] == "start"]
+    assert starts[0] == 0 and len(starts) >= 2
+    assert set(starts[1:]) == {previous}  # every restart (one per node group) loaded it
     assert got == reference
 
 
@@ -247,3 +259,22 @@ def test_prep_array_with_a_killed_task_completes_on_resubmission(tmp_path):
     final = re.search(r"finalize (\d+)", second).group(1)
     assert wait_for_job(final, 180)["JobState"] == "COMPLETED"
     assert manifest_and_shards(out_dir) == manifest_and_shards(tmp_path / "clean")
+
+
+def test_hostile_values_reach_slurm_and_the_trainer_as_plain_text(tmp_path):
+    """Quotes, $(), backticks, ; and spaces in a profile value and an override: SLURM and the
+    trainer get them literally, and no shell ever runs them."""
+    hostile = "x'\"$(touch CANARY)`touch CANARY`;touch CANARY y"
+    as_hydra_string = '"' + hostile.replace('"', '\\"') + '"'
+    job, run_dir, _ = submit_training(
+        tmp_path,
+        "hostile",
+        [f"cluster.job_name={as_hydra_string}", f"run.name={as_hydra_string}",
+         "train.max_steps=3"],
+    )  # fmt: skip
+    info = wait_for_job(job, 120)
+    assert info["JobState"] == "COMPLETED", info
+    assert slurm.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%j"]).strip() == hostile
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["run"]["name"] == hostile
+    assert not list(tmp_path.rglob("CANARY"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_dry_run_prints_the_filled_sbatch_script(tmp_path):
     out = dlt(
         "train",
         ["cluster=dlt_local", "cluster.launcher=sbatch", "dry_run=true", "cluster.nodes=3",
-         "cluster.gpus_per_node=4", "cluster.sbatch_extra=[--exclusive]", "model=tiny"],
+         "cluster.gpus_per_node=4", "cluster.sbatch_extra=[--exclusive]", "parallel=ddp"],
         tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -47,7 +48,7 @@ def test_dry_run_prints_the_filled_sbatch_script(tmp_path):
         "#SBATCH --requeue",
         "#SBATCH --exclusive",
         "export DLT_PROCS_PER_NODE=4",
-        "set -- model=tiny",
+        "set -- parallel=ddp",
     ]:
         assert line in script.splitlines(), line
     assert BODY_MARKER in script and "-m jobs.node" in script
@@ -56,7 +57,9 @@ def test_dry_run_prints_the_filled_sbatch_script(tmp_path):
 
 
 def test_dry_run_of_the_submitit_route_prints_its_parameters(tmp_path):
-    out = dlt("train", ["cluster=dlt_local", "dry_run=true", "cluster.qos=high"], tmp_path)
+    out = dlt(
+        "train", ["cluster=dlt_local", "dry_run=true", "cluster.qos=high", "parallel=ddp"], tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "slurm_partition: normal" in out.stdout
     assert "slurm_qos: high" in out.stdout
@@ -92,9 +95,14 @@ def test_hostile_profile_and_override_values_stay_data(tmp_path):
         str(tmp_path / hostile),
     ]
     assert not canary.exists()
-    # #SBATCH lines are read by sbatch, not the shell: each value stays on its own line.
+    # #SBATCH lines: sbatch splits them like a shell (without running anything), so every
+    # value is shell-quoted to stay one value; bash reads the line back as exactly that.
     sbatch_lines = [line for line in script.splitlines() if line.startswith("#SBATCH")]
-    assert f"#SBATCH --job-name={hostile}" in sbatch_lines
+    job_name = next(line for line in sbatch_lines if line.startswith("#SBATCH --job-name="))
+    words = shlex.split(job_name.removeprefix("#SBATCH "))
+    assert words == [f"--job-name={hostile}"]
+    comment = next(line for line in sbatch_lines if line.startswith("#SBATCH --comment="))
+    assert shlex.split(comment.removeprefix("#SBATCH ")) == [f"--comment={hostile}"]
 
 
 @pytest.mark.parametrize("key", ["partition", "job_name", "account", "log_dir"])
@@ -103,6 +111,13 @@ def test_a_value_with_a_newline_is_refused_naming_the_key(key):
         check_profile(ClusterProfile(name="x", **{key: "gpu\nrm -rf ~"}))
     with pytest.raises(ConfigError, match="cluster.setup=.*one line"):
         check_profile(ClusterProfile(name="x", setup=["module load x\rrm -rf ~"]))
+
+
+def test_a_layout_that_does_not_fit_the_profile_is_refused_before_submitting(tmp_path):
+    out = dlt("train", ["cluster=dlt_local", "parallel=tp", "parallel.tp=4"], tmp_path)
+    assert out.returncode == 2
+    assert "must equal the world size 2 (cluster.nodes=2 x 1 processes per node)" in out.stderr
+    assert not (tmp_path / "logs").exists() or not list((tmp_path / "logs").iterdir())
 
 
 def test_newline_override_on_the_command_line_is_a_one_line_error(tmp_path):
@@ -166,7 +181,7 @@ def test_status_of_a_run(tiny, tmp_path, capsys):
     train_main([*overrides, "train.max_steps=6"])  # continue the run: a second start
     status.main([cfg["run"]["dir"]])
     text = capsys.readouterr().out
-    assert "state:           finished" in text and "2 starts" not in text
+    assert "state:           finished" in text
     assert "starts:          2 (1 restarts)" in text and "last step:       6" in text
 
 

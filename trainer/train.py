@@ -183,7 +183,9 @@ def run(
     step, elapsed_before, restarts, logger_ids = 0, 0.0, 0, {}
     if resume_from is not None:
         check_same_model(cfg, checkpoint.read_trainer_state(resume_from), resume_from)
+        loading = time.perf_counter()
         saved = checkpoint.load(resume_from, pm.module, optimizer)
+        load_s = time.perf_counter() - loading
         step, elapsed_before = saved["step"], saved["elapsed_s"]
         restarts = saved.get("restarts", 0) + 1
         logger_ids = saved.get("logger_ids", {})
@@ -205,7 +207,11 @@ def run(
         f"run {run_dir} | model {n_params / 1e6:.2f}M params | {world.size} x {device.type} | "
         f"mesh pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} | "
         f"precision {cfg.precision} | {tokens_per_step:,} tokens/step | "
-        + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start")
+        + (
+            f"resumed from {resume_from} at step {step} (loaded in {load_s:.2f} s)"
+            if resume_from
+            else "fresh start"
+        )
     )
     result = RunResult(run_dir, step, resume_from)
     # A trained tokenizer travels inside every checkpoint, so generation needs nothing else.
@@ -215,17 +221,21 @@ def run(
     window_steps = 0
 
     pending: checkpoint.PendingSave | None = None
+    save_started = 0.0
 
     def finish_pending_save() -> None:
         nonlocal pending
         if pending is not None:
             result.last_checkpoint = pending.wait()
-            log.print(f"checkpoint saved: {result.last_checkpoint}")
+            took = time.perf_counter() - save_started  # async: includes the steps meanwhile
+            how = "async, complete" if cfg.checkpoint.async_save else "written in"
+            log.print(f"checkpoint saved: {result.last_checkpoint} ({how} {took:.2f} s)")
             pending = None
 
     def save() -> None:
-        nonlocal pending
+        nonlocal pending, save_started
         finish_pending_save()  # one checkpoint in flight at a time
+        save_started = time.perf_counter()
         state = {
             "step": step,
             "data": loader.state_dict(),
