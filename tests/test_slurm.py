@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,21 @@ def test_two_node_ddp_matches_the_same_layout_run_locally(reference, tmp_path):
     assert local_torchrun(tmp_path, "ddp") == reference
 
 
+def test_sbatch_script_submitted_by_hand_trains_on_two_nodes(reference, tmp_path):
+    """`sbatch --nodes=2 sbatch/train.sbatch <overrides>`: the script as users submit it."""
+    script = resources.files("sbatch").joinpath("train.sbatch")
+    (tmp_path / "logs").mkdir()
+    run_dir = tmp_path / "by-hand"
+    job = slurm.run(
+        ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1",
+         f"--export=ALL,DLT_PYTHON={sys.executable}", str(script), *TRAIN, "parallel=ddp",
+         f"run.dir={run_dir}"],
+        cwd=tmp_path,
+    ).strip()  # fmt: skip
+    log = tmp_path / "logs" / f"dlt-train-{job}.out"
+    assert finished(job, run_dir, log) == reference
+
+
 def test_two_node_fsdp_matches_the_same_layout_run_locally(tmp_path):
     short = ["train.max_steps=30"]
     job, run_dir, log = submit_training(tmp_path, "fsdp", short, layout="fsdp")
@@ -166,7 +182,7 @@ def test_submitit_route_preempt_and_resume(reference, tmp_path):
         log.read_text() + next(folder.glob("*_0_log.err")).read_text()
     )[-4000:]
     err = next(folder.glob("*_0_log.err")).read_text()
-    assert "Requeued job" in err, err[-3000:]
+    assert f"Requeued job {job}" in log.read_text(), err[-3000:]  # submitit's own requeue
     assert_resumed_exactly(reference, run_dir, log, losses(run_dir))
 
 
