@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import append_results
-from jobs.cli import compose_config, to_plain
+from jobs.cli import compose_config, training_dict
 from trainer.config import load_config
 from trainer.train import run
 
@@ -37,7 +37,7 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
             "log.progress=false",
             *extra,
         ]
-        cfg = load_config(to_plain(compose_config("train", overrides), drop=("cluster",)))
+        cfg = load_config(training_dict(compose_config("train", overrides)))
         run(cfg)
         measured = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])
     return {

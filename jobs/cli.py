@@ -70,6 +70,15 @@ def to_schema(schema: type, composed: DictConfig):
         raise ConfigError(describe_omegaconf_error(err)) from None
 
 
+# Keys of dlt-train's config that say where and how to launch, not what to train.
+LAUNCH_KEYS = ("cluster", "dry_run", "hydra")
+
+
+def training_dict(composed: DictConfig) -> dict:
+    """dlt-train's composed config as the plain dict `trainer.config.load_config` takes."""
+    return to_plain(composed, drop=LAUNCH_KEYS)
+
+
 def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in drop:

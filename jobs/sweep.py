@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_plain, to_schema
+from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_schema, training_dict
 from jobs.submit import ClusterProfile, TrainTask, strip_cluster_overrides
 from trainer.config import load_config
 
@@ -31,7 +31,7 @@ def sweep(argv: list[str]) -> None:
 
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
 def train_one(composed: DictConfig) -> str:
-    from jobs.train import NOT_TRAINING_KEYS, train_here
+    from jobs.train import train_here
 
     hydra_cfg = HydraConfig.get()
     run_dir = str(Path(composed.run.dir).absolute())  # resolved here, where ${hydra:...} works
@@ -46,5 +46,5 @@ def train_one(composed: DictConfig) -> str:
             ]
             task = TrainTask([*overrides, f"run.dir={run_dir}"], profile.processes_per_node, 0)
             return task()
-        train_here(load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=1))
+        train_here(load_config(training_dict(composed), world_size=1))
     return "finished"

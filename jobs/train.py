@@ -28,7 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import compose_config, errors_as_one_line, print_help, to_plain, to_schema, wants_help
+from jobs.cli import (
+    compose_config,
+    errors_as_one_line,
+    print_help,
+    to_schema,
+    training_dict,
+    wants_help,
+)
 from jobs.submit import ClusterProfile, check_profile, submit_training
 from trainer import checkpoint, distributed
 from trainer.config import Config, ConfigError, load_config
@@ -40,7 +47,6 @@ USAGE = (
     "resume=auto|none|PATH precision=fp32|bf16|fp16 [cluster=local|<profile>] [dry_run=true] "
     "[key=value ...]"
 )
-NOT_TRAINING_KEYS = ("cluster", "dry_run", "hydra")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                 else profile.nodes * profile.processes_per_node
             )
             try:
-                cfg = load_config(to_plain(composed, drop=NOT_TRAINING_KEYS), world_size=world_size)
+                cfg = load_config(training_dict(composed), world_size=world_size)
             except ConfigError as err:
                 if profile.is_local:
                     raise

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from jobs.cli import compose_config, to_plain
+from jobs.cli import compose_config, training_dict
 from jobs.train import main as train_main
 from trainer.config import ConfigError, load_config
 
 
 def compose_train(*overrides: str):
-    return load_config(to_plain(compose_config("train", list(overrides)), drop=("cluster",)))
+    return load_config(training_dict(compose_config("train", list(overrides))))
 
 
 def test_presets_compose_to_the_documented_shapes():
