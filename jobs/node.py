@@ -71,11 +71,18 @@ def torchrun_command(
     ]
 
 
-def set_threads_per_process(procs_per_node: int) -> None:
-    """Split the task's CPUs between its processes (more threads than cores spin and stall)."""
+def prepare_environment(procs_per_node: int) -> None:
+    """Environment for torchrun and its processes on this node.
+
+    - Split the task's CPUs between its processes (more threads than cores spin and stall).
+    - A fresh store for the training processes at every restart: by default torchrun keeps
+      one store for all its rendezvous rounds, and after a restart (a rank died) the new
+      processes can read the old ones' addresses from it and hang or fail to connect.
+    """
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus) // procs_per_node))
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
 
 def ignore_warning_signals() -> None:
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     if "SLURM_JOB_ID" not in os.environ:
         parser.error("run inside a SLURM job (srun), one task per node")
     command = torchrun_command(args.overrides, args.procs_per_node, args.max_restarts, args.port)
-    set_threads_per_process(args.procs_per_node)
+    prepare_environment(args.procs_per_node)
     ignore_warning_signals()
     sys.stdout.flush()
     os.execv(command[0], command)

@@ -337,10 +337,10 @@ class TrainTask:
     def __call__(self) -> str:
         import submitit
 
-        from jobs.node import ignore_warning_signals, set_threads_per_process, torchrun_command
+        from jobs.node import ignore_warning_signals, prepare_environment, torchrun_command
 
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # meant for the training processes
-        set_threads_per_process(self.procs_per_node)
+        prepare_environment(self.procs_per_node)
         job = submitit.JobEnvironment()
         outcome_file = Path(job.paths.folder) / f"{job.job_id}.outcome"
         outcome_file.unlink(missing_ok=True)
