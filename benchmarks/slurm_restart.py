@@ -19,7 +19,6 @@ Needs a SLURM cluster (`dlt-cluster up` for the local one) and `SLURM_CONF` if n
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -28,18 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import append_results
-
-
-def last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    steps = [0]
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except (ValueError, KeyError):
-                pass
-    return steps[-1]
+from jobs.status import last_step
 
 
 def wait_until(condition, timeout_s: float, what: str) -> float:

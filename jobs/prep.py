@@ -35,8 +35,8 @@ def parse(argv: list[str]) -> tuple[PrepConfig, ClusterProfile, bool]:
     """The prep config, the cluster profile and whether this is a dry run."""
     composed = compose_config("prep", argv)
     profile = to_schema(ClusterProfile, composed.cluster)
-    check_profile(profile)
     dry_run = bool(composed.get("dry_run", False))
+    check_profile(profile, dry_run)
     keep = [k for k in composed if k not in ("cluster", "dry_run")]
     cfg = to_schema(PrepConfig, OmegaConf.masked_copy(composed, keep))
     if cfg.phase not in PHASES:
@@ -101,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     with errors_as_one_line("dlt-prep"):
         cfg, profile, dry_run = parse(argv)
         if profile.is_local:
-            if dry_run:
-                raise ConfigError("dry_run=true needs a SLURM profile (cluster=<profile>)")
             run(cfg)
         else:
             submit_prep(profile, argv, dry_run)

@@ -29,6 +29,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def last_step(run_dir: Path) -> int:
+    """The last step logged to `<run_dir>/metrics.jsonl` (0 before the first)."""
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    return records[-1]["step"] if records else 0
+
+
 def run_state(run_dir: Path) -> dict[str, Any]:
     """A summary of the run in `run_dir` (raises FileNotFoundError when it is no run)."""
     if not (run_dir / "config.yaml").exists() and not (run_dir / "jobs.jsonl").exists():

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jobs.cli import LAUNCH_KEYS
 from trainer.config import ConfigError
 
 LAUNCHERS = ("submitit", "sbatch")
@@ -73,8 +74,10 @@ class ClusterProfile:
         return self.procs_per_node or max(1, self.gpus_per_node)
 
 
-def check_profile(p: ClusterProfile) -> None:
+def check_profile(p: ClusterProfile, dry_run: bool = False) -> None:
     """One-line errors for values that cannot work or could escape their line."""
+    if dry_run and p.is_local:
+        raise ConfigError("dry_run=true needs a SLURM profile (cluster=<profile>)")
     if p.launcher not in LAUNCHERS:
         raise ConfigError(
             f"cluster.launcher={p.launcher!r}: expected one of {', '.join(LAUNCHERS)}"
@@ -185,9 +188,8 @@ def python_of(p: ClusterProfile) -> str:
 
 
 def log_dir(p: ClusterProfile) -> Path:
-    path = Path(p.log_dir).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Where the jobs' logs and scripts go (created only when something is submitted)."""
+    return Path(p.log_dir).absolute()
 
 
 def train_script(p: ClusterProfile, overrides: list[str]) -> str:
@@ -211,6 +213,7 @@ def train_script(p: ClusterProfile, overrides: list[str]) -> str:
 
 def sbatch_submit(script: str, path: Path, extra: list[str] = ()) -> str:
     """Write `script` to `path` and submit it; the job id."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # sbatch needs the log folder to exist
     path.write_text(script)
     proc = subprocess.run(
         ["sbatch", "--parsable", *extra, str(path)], capture_output=True, text=True
@@ -222,11 +225,12 @@ def sbatch_submit(script: str, path: Path, extra: list[str] = ()) -> str:
 
 def strip_cluster_overrides(overrides: list[str]) -> list[str]:
     """The command-line overrides minus those that choose where to run (the job runs them)."""
-    return [
-        o
-        for o in overrides
-        if not o.split("=", 1)[0].lstrip("+~").startswith(("cluster", "dry_run"))
-    ]
+
+    def is_launch_key(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return any(key == k or key.startswith(k + ".") for k in LAUNCH_KEYS)
+
+    return [o for o in overrides if not is_launch_key(o)]
 
 
 # ---------------------------------------------------------------------------------- training
@@ -244,17 +248,17 @@ def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> s
         job_id = sbatch_submit(script, logs / f"{p.job_name}.sbatch")
         print(f"dlt-train: submitted job {job_id} (sbatch); log {logs}/{p.job_name}-{job_id}.out")
         return job_id
+    executor_args = {
+        "folder": str(log_dir(p) / "submitit" / "%j"),
+        "slurm_max_num_timeout": p.max_requeues,
+        "slurm_python": python_of(p),
+    }
     params = submitit_parameters(p)
     if dry_run:
         import yaml
 
         print("# submitit AutoExecutor parameters")
-        executor = {
-            "folder": str(submitit_folder(p)),
-            "slurm_max_num_timeout": p.max_requeues,
-            "slurm_python": python_of(p),
-        }
-        print(yaml.safe_dump({**executor, **params}, sort_keys=False), end="")
+        print(yaml.safe_dump({**executor_args, **params}, sort_keys=False), end="")
         print(
             "# each task (one per node) runs torchrun as jobs.node does: "
             + shlex.join(["torchrun", "...", "-m", "jobs.train", *overrides])
@@ -262,12 +266,7 @@ def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> s
         return None
     import submitit
 
-    executor = submitit.AutoExecutor(
-        folder=submitit_folder(p),
-        cluster="slurm",
-        slurm_max_num_timeout=p.max_requeues,
-        slurm_python=python_of(p),
-    )
+    executor = submitit.AutoExecutor(cluster="slurm", **executor_args)
     executor.update_parameters(**params)
     task = TrainTask(overrides, p.processes_per_node, p.max_restarts, p.signal_lead_s)
     job = executor.submit(task)
@@ -276,10 +275,6 @@ def submit_training(p: ClusterProfile, overrides: list[str], dry_run: bool) -> s
         f"and {job.paths.stderr}"
     )
     return job.job_id
-
-
-def submitit_folder(p: ClusterProfile) -> Path:
-    return log_dir(p) / "submitit" / "%j"
 
 
 def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         with errors_as_one_line("dlt-train"):
             composed = compose_config("train", argv)
             profile = to_schema(ClusterProfile, composed.cluster)
-            check_profile(profile)
             dry_run = bool(composed.get("dry_run", False))
+            check_profile(profile, dry_run)
             # Checked here with the world size the job will have, before anything is submitted.
             world_size = (
                 distributed.world_from_env().size
@@ -86,8 +86,6 @@ def main(argv: list[str] | None = None) -> None:
             if not profile.is_local:
                 submit_training(profile, argv, dry_run)
                 return
-            if dry_run:
-                raise ConfigError("dry_run=true needs a SLURM profile (cluster=<profile>)")
             train_here(cfg, early_signal)
     finally:
         early_signal.restore()

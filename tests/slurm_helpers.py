@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -10,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from jobs.status import last_step, read_jsonl
 
 CLUSTER_DIR = os.environ.get("DLT_CLUSTER_DIR", "/tmp/dlt-cluster")
 SLURM_CONF = f"{CLUSTER_DIR}/slurm.conf"
@@ -84,28 +85,10 @@ def wait_for_step(run_dir: Path, step: int, timeout_s: float = 120) -> None:
     raise AssertionError(f"{run_dir} did not reach step {step} in {timeout_s} s")
 
 
-def last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines()
-    for line in reversed(lines):
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError):
-            continue
-    return 0
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     """Per-step training loss; a step logged twice (redone after a crash) keeps its last."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "jobs.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "jobs.jsonl")
