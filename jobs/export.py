@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +16,11 @@ from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, 
 from trainer.config import ConfigError
 from trainer.generate import load_model
 from trainer.hf import save_hf
+from trainer.model import GPT
 
-USAGE = "checkpoint=PATH format=hf|torch out=DIR"
+USAGE = "checkpoint=PATH format=hf|torch out=DIR [overwrite=true]"
 FORMATS = ("hf", "torch")
+TORCH_FILE = "model.pt"
 
 
 @dataclass
@@ -23,6 +28,7 @@ class ExportConfig:
     checkpoint: str
     out: str
     format: str = "hf"
+    overwrite: bool = False  # replace the export files in a non-empty `out` folder
 
 
 def parse(argv: list[str]) -> ExportConfig:
@@ -33,20 +39,60 @@ def parse(argv: list[str]) -> ExportConfig:
     return cfg
 
 
-def export(cfg: ExportConfig) -> Path:
-    """Write the export; returns the folder (hf) or file (torch) written."""
-    model, state = load_model(cfg.checkpoint)
-    out = Path(cfg.out)
-    if cfg.format == "hf":
+def check_target(out: Path, overwrite: bool) -> None:
+    """`out` must be a new or empty folder, or any folder with `overwrite=true`."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out}: is an existing file, expected a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"out={out}: folder is not empty; use overwrite=true to replace the export in it"
+        )
+
+
+def write_export(model: GPT, state: dict, fmt: str, folder: Path) -> None:
+    """Write the export files of `model` (trainer `state` from its checkpoint) into `folder`."""
+    if fmt == "hf":
         tokenizer_name = state["config"]["data"]["tokenizer"]
         eot_id = get_tokenizer(tokenizer_name, state["checkpoint_dir"]).eot_id
-        return save_hf(model, out, eot_id=eot_id)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.pt"
+        save_hf(model, folder, eot_id=eot_id)
+        return
     # Plain tensors only (tied lm_head dropped): torch.load(path, weights_only=True) reads it.
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    torch.save({"model": weights, "config": state["config"]["model"]}, path)
-    return path
+    torch.save({"model": weights, "config": state["config"]["model"]}, folder / TORCH_FILE)
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the finished files of `staging` into `out`, each with one atomic rename.
+
+    A new or empty `out` is replaced by `staging` as a whole; into a non-empty one
+    (`overwrite=true`) every file is renamed over its old version, other files are kept.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        os.replace(staging, out)
+        return
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out / path.name)
+    staging.rmdir()
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Write the export; returns the folder (hf) or file (torch) written.
+
+    The files are written into a temporary folder next to `out` and renamed into place only
+    when complete: a crash never leaves a half-written export behind.
+    """
+    out = Path(cfg.out)
+    check_target(out, cfg.overwrite)
+    model, state = load_model(cfg.checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name[:64]}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    try:
+        write_export(model, state, cfg.format, staging)
+        publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / TORCH_FILE if cfg.format == "torch" else out
 
 
 def main(argv: list[str] | None = None) -> None:

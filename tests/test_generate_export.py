@@ -312,6 +312,94 @@ def test_export_bad_arguments(run_dir, tmp_path, capsys, argv, names):
     assert not out.exists()
 
 
+def export_error(argv: list[str], capsys) -> str:
+    """dlt-export's one error line for `argv` (exit status 2)."""
+    with pytest.raises(SystemExit) as exc:
+        export_cli.main(argv)
+    assert exc.value.code == 2
+    return one_error_line(capsys.readouterr().err, "dlt-export")
+
+
+def leftovers(folder) -> list[str]:
+    """Temporary export folders left in `folder`."""
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(("fmt", "file"), [("hf", "model.safetensors"), ("torch", "model.pt")])
+def test_export_refuses_a_non_empty_folder(run_dir, tmp_path, capsys, fmt, file):
+    out = tmp_path / "out"
+    argv = [f"checkpoint={run_dir}", f"format={fmt}", f"out={out}"]
+    export_cli.main(argv)
+    before = (out / file).read_bytes()
+    (out / file).write_bytes(b"a file the user cares about")
+    line = export_error(argv, capsys)
+    assert f"out={out}: folder is not empty; use overwrite=true" in line
+    assert (out / file).read_bytes() == b"a file the user cares about"
+    export_cli.main([*argv, "overwrite=true"])
+    assert (out / file).read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_export_overwrite_renames_each_file_into_place(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    argv = [f"checkpoint={run_dir}", "format=hf", f"out={out}"]
+    export_cli.main(argv)
+    (out / "notes.txt").write_text("mine")
+    inodes = {p.name: p.stat().st_ino for p in out.iterdir()}
+    export_cli.main([*argv, "overwrite=true"])
+    assert (out / "notes.txt").read_text() == "mine"  # other files are kept
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).stat().st_ino != inodes[name], name  # a new file renamed over
+    assert transformers.GPT2LMHeadModel.from_pretrained(out).config.n_layer == 2
+    assert leftovers(tmp_path) == []
+
+
+def test_export_into_an_existing_empty_folder(run_dir, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    export_cli.main([f"checkpoint={run_dir}", "format=torch", f"out={out}"])
+    assert [p.name for p in out.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_crash_during_export_leaves_no_half_written_files(
+    run_dir, tmp_path, monkeypatch, existing
+):
+    out = tmp_path / "hf"
+    argv = [f"checkpoint={run_dir}", "format=hf", f"out={out}", "overwrite=true"]
+    if existing:
+        export_cli.main(argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else None
+
+    def crash(model, folder, eot_id):
+        (folder / "model.safetensors").write_bytes(b"half of the weights")
+        raise MemoryError("killed while writing")
+
+    monkeypatch.setattr(export_cli, "save_hf", crash)
+    with pytest.raises(MemoryError):
+        export_cli.main(argv)
+    if existing:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_export_out_is_an_existing_file(run_dir, tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"something else")
+    line = export_error([f"checkpoint={run_dir}", f"out={out}", "overwrite=true"], capsys)
+    assert f"out={out}: is an existing file, expected a folder" in line
+    assert out.read_bytes() == b"something else"
+
+
+def test_export_out_with_a_too_long_name(run_dir, tmp_path, capsys):
+    out = tmp_path / ("x" * 300)
+    line = export_error([f"checkpoint={run_dir}", f"out={out}"], capsys)
+    assert str(out) in line
+    assert leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
