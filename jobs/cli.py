@@ -8,8 +8,12 @@ and every configuration mistake can be reported as one line naming the key.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
+import textwrap
 from collections.abc import Iterator
+from importlib import resources
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
@@ -20,6 +24,7 @@ from data_prep.shards import DatasetError
 from data_prep.sources import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, describe_omegaconf_error
+from trainer.run_dir import RunDirError
 
 CONFIG_MODULE = "cluster_configs"
 
@@ -55,10 +60,28 @@ def compose_config(
         else:
             hydra_overrides.append(arg)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=hydra_overrides)
+        try:
+            cfg = compose(config_name=config_name, overrides=hydra_overrides)
+        except ValueError as err:
+            if "integer string conversion" not in str(err):
+                raise
+            raise ConfigError(too_many_digits(hydra_overrides)) from None
     for key, value in literal.items():
         OmegaConf.update(cfg, key, value)
     return cfg
+
+
+def too_many_digits(overrides: list[str]) -> str:
+    """The one-line error for an override whose number exceeds Python's int digit limit."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()
+    for arg in overrides:
+        digits = max((len(run) for run in re.findall(r"\d+", arg)), default=0)
+        if digits > limit:
+            key, _, value = arg.partition("=")
+            return (
+                f"{key}={value[:12]}...: {digits} digits, more than the {limit} a number may have"
+            )
+    return f"a number on the command line has more than the {limit} digits a number may have"
 
 
 def to_schema(schema: type, composed: DictConfig):
@@ -86,22 +109,40 @@ def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:
     return plain
 
 
+# Mistakes in the configuration: the same on every rank of a torchrun job.
+CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
+EXPECTED_ERRORS = (
+    *CONFIG_ERRORS,
+    CheckpointError,
+    DataError,
+    DatasetError,
+    RunDirError,
+    OSError,
+)
+
+
 @contextlib.contextmanager
-def errors_as_one_line(prog: str) -> Iterator[None]:
-    """Turn configuration, data and checkpoint errors into `prog: error: ...`, exit status 2."""
-    expected = (
-        ConfigError,
-        CheckpointError,
-        DataError,
-        DatasetError,
-        HydraException,
-        OmegaConfBaseException,
-    )
+def errors_as_one_line(prog: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Turn configuration, data, checkpoint, run-directory and OS errors (and `also`) into one
+    line `prog: error: ...`, exit status 2.
+
+    Under torchrun a configuration error is printed by rank 0 only (every rank has the same
+    one); every rank still exits with status 2.
+    """
     try:
         yield
-    except expected as err:
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+    except (*EXPECTED_ERRORS, *also) as err:
+        if not isinstance(err, CONFIG_ERRORS) or os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {describe_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: `file: why` for an OS error that names a file, else the best message."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        names = f"{err.filename} -> {err.filename2}" if err.filename2 else f"{err.filename}"
+        return f"{names}: {err.strerror}"
+    return one_line(err)
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -109,6 +150,122 @@ def wants_help(argv: list[str]) -> bool:
 
 
 def print_help(prog: str, config_name: str, usage: str) -> None:
+    """Usage, the presets of each config group, and every key with its default and comment."""
+    source = config_source(config_name)
     print(f"usage: {prog} {usage}\n")
-    print("Any key below can be overridden as key=value; presets as group=name.\n")
-    print(OmegaConf.to_yaml(compose_config(config_name, [])))
+    print(header_comment(source) + "\n")
+    groups = default_choices(source)
+    if groups:
+        print("Presets (group=name; * marks the default):")
+        for line in preset_lines(groups):
+            print("  " + line)
+        print()
+    print("Every key with its default; override any as key=value:\n")
+    comments = key_comments(source)
+    for group, default in groups.items():
+        comments = {**preset_comments(group, default), **comments}
+    print(with_comments(OmegaConf.to_yaml(compose_config(config_name, [])), comments))
+
+
+# `key: value  # comment` in YAML source (a `#` after whitespace starts a comment).
+KEY_LINE = re.compile(
+    r"^(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):(?P<value>.*?)(?:\s+#\s?(?P<comment>.*))?$"
+)
+
+
+def config_source(name: str) -> str:
+    """The YAML text of `cluster_configs/<name>.yaml` (a config or `group/preset`)."""
+    return (resources.files(CONFIG_MODULE) / f"{name}.yaml").read_text()
+
+
+def header_comment(source: str) -> str:
+    """The comment lines a YAML file starts with, without their `#`."""
+    lines = []
+    for line in source.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return "\n".join(lines)
+
+
+def default_choices(source: str) -> dict[str, str]:
+    """`group -> default preset` from a config's defaults list (groups of cluster_configs)."""
+    defaults = OmegaConf.create(source).get("defaults") or []
+    return {
+        group: choice
+        for entry in defaults
+        if not isinstance(entry, str)
+        for group, choice in entry.items()
+        if (resources.files(CONFIG_MODULE) / group).is_dir()
+    }
+
+
+def presets(group: str) -> list[str]:
+    folder = resources.files(CONFIG_MODULE) / group
+    return sorted(
+        f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")
+    )
+
+
+def preset_lines(groups: dict[str, str]) -> list[str]:
+    """`group=name  first sentence of its header comment` for each preset of each group."""
+    labels = {
+        (group, name): f"{group}={name}" + (" *" if name == default else "")
+        for group, default in groups.items()
+        for name in presets(group)
+    }
+    width = max(map(len, labels.values())) + 2
+    lines = []
+    for (group, name), label in labels.items():
+        about = " ".join(header_comment(config_source(f"{group}/{name}")).split())
+        about = about.split(". ")[0].rstrip(".")
+        indent = " " * (width + 2)
+        lines += textwrap.wrap(
+            about, 98, initial_indent=label.ljust(width), subsequent_indent=indent
+        ) or [label]
+    return lines
+
+
+def preset_comments(group: str, name: str) -> dict[str, str]:
+    """The key comments of preset `group/name` and of the presets it builds on (its defaults)."""
+    source = config_source(f"{group}/{name}")
+    comments = key_comments(source, prefix=f"{group}.")
+    for base in OmegaConf.create(source).get("defaults") or []:
+        if isinstance(base, str) and base != "_self_":
+            comments = {**preset_comments(group, base), **comments}
+    return comments
+
+
+def key_comments(source: str, prefix: str = "") -> dict[str, str]:
+    """`dotted.key -> comment` for each `key: value  # comment` line of YAML `source`."""
+    return {
+        key: match["comment"].strip()
+        for key, match in keyed_lines(source.splitlines(), prefix)
+        if match and match["comment"]
+    }
+
+
+def keyed_lines(lines: list[str], prefix: str = "") -> Iterator[tuple[str, re.Match | None]]:
+    """(dotted key, match) for each line: the key path is followed through the indentation
+    ("" and None for lines that set no key: comments, list items)."""
+    path: list[tuple[int, str]] = []
+    for line in lines:
+        match = KEY_LINE.match(line)
+        if not match:
+            yield "", None
+            continue
+        indent = len(match["indent"])
+        while path and path[-1][0] >= indent:
+            path.pop()
+        path.append((indent, match["key"]))
+        yield prefix + ".".join(key for _, key in path), match
+
+
+def with_comments(yaml_text: str, comments: dict[str, str], column: int = 36) -> str:
+    """`yaml_text` with the comment of each key appended to its line."""
+    lines = yaml_text.rstrip("\n").splitlines()
+    out = []
+    for line, (key, _) in zip(lines, keyed_lines(lines), strict=True):
+        comment = comments.get(key)
+        out.append(f"{line.ljust(column - 2)}  # {comment}" if comment else line)
+    return "\n".join(out)
