@@ -7,7 +7,6 @@ the time from job start to the first step (fresh and resumed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from benchmarks.common import append_results
 from trainer import checkpoint
 from trainer.config import ModelConfig
 from trainer.model import GPT
+from trainer.run_dir import METRICS, read_jsonl
 
 
 def disk_write_gbps(folder: Path, megabytes: int) -> float:
@@ -71,8 +71,7 @@ def train(args: list[str], run_dir: Path) -> tuple[float, list[dict]]:
     )
     if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return time.perf_counter() - start, rows
+    return time.perf_counter() - start, read_jsonl(run_dir / METRICS)
 
 
 def main(argv: list[str] | None = None) -> None:

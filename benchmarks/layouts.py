@@ -12,13 +12,13 @@ so efficiency there shows overheads, not speed-ups. Appends the table to benchma
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from benchmarks.common import append_results
+from trainer.run_dir import METRICS, read_jsonl
 
 
 # (name, processes, overrides); micro-batch sizes keep the global batch equal to single's.
@@ -73,7 +73,7 @@ def measure(nproc: int, overrides: list[str], model: str, steps: int, precision:
         done = subprocess.run([*launcher, *args], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stderr[-2000:]}")
-        return json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])
+        return read_jsonl(Path(tmp) / METRICS)[-1]
 
 
 def main(argv: list[str] | None = None) -> None:

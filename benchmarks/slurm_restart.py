@@ -28,6 +28,7 @@ from pathlib import Path
 
 from benchmarks.common import append_results
 from jobs.status import last_step
+from trainer.run_dir import CHECKPOINTS
 
 
 def wait_until(condition, timeout_s: float, what: str) -> float:
@@ -67,7 +68,7 @@ def measure(model: str, profile: str, work: Path, steps_before: int) -> dict[str
         wait_until(lambda: last_step(run_dir) >= steps_before, 600, "more steps")
         t_signal = time.monotonic()
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        ckpts = run_dir / "checkpoints"
+        ckpts = run_dir / CHECKPOINTS
         t_saved = wait_until(lambda: any(ckpts.glob("step_*/complete.json")), 600, "checkpoint")
         saved_step = max(int(p.parent.name[5:]) for p in ckpts.glob("step_*/complete.json"))
         wait_until(lambda: job_state(job) != "RUNNING", 600, "the job to stop")

@@ -10,7 +10,6 @@ and appends it to benchmarks/results.md with the machine, versions, date and com
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from benchmarks.common import append_results
 from jobs.cli import compose_config, training_dict
 from trainer.config import load_config
+from trainer.run_dir import METRICS, read_jsonl
 from trainer.train import run
 
 
@@ -39,7 +39,7 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
         ]
         cfg = load_config(training_dict(compose_config("train", overrides)))
         run(cfg)
-        measured = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])
+        measured = read_jsonl(Path(tmp) / METRICS)[-1]
     return {
         "model": model,
         "precision": precision,

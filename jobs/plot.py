@@ -5,13 +5,20 @@
     memory.png      peak memory and parameter+gradient+optimizer bytes per device
 
 Several runs go into the same figures, one colour each: DDP against FSDP, before against after.
+
+A line of metrics.jsonl that cannot be plotted (torn by a crash, edited by hand, not a JSON
+object, or with a `step` that is not an integer) is skipped with one warning line on stderr
+naming `file:line`; the other lines are still plotted. A run with no plottable line, or an
+`out=` that is a file, is a one-line error (exit status 2).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from jobs.cli import errors_as_one_line
+from trainer.run_dir import METRICS, read_jsonl
 
 USAGE = "usage: dlt-plot RUN_DIR [RUN_DIR ...] [out=DIR]"
 
@@ -20,29 +27,55 @@ class PlotError(ValueError):
     pass
 
 
+def warn(message: str) -> None:
+    print(f"dlt-plot: warning: {message}", file=sys.stderr)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    """The records of `<run_dir>/metrics.jsonl` with an integer step (others: a warning each)."""
+    path = run_dir / METRICS
     if not path.is_file():
         raise PlotError(f"{path}: no such file (is {run_dir} a run directory?)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise PlotError(f"{path}:{number}: not a JSON object") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise PlotError(f"{path}:{number}: expected an object with a 'step'")
-        records.append(record)
+    for number, record in numbered_records(path):
+        step = record.get("step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            records.append(record)
+        else:
+            warn(f"{path}:{number}: step {step!r} is not an integer, skipped")
     if not records:
-        raise PlotError(f"{path}: empty (no logged steps yet)")
+        raise PlotError(f"{path}: no logged steps (yet)")
     return records
 
 
+def numbered_records(path: Path) -> list[tuple[int, dict]]:
+    """`read_jsonl`'s records of `path` with their line numbers; a warning per skipped line."""
+    skipped = set()
+
+    def on_bad_line(message: str) -> None:  # "path:N: why"
+        warn(message)
+        skipped.add(int(message.removeprefix(f"{path}:").split(":", 1)[0]))
+
+    records = read_jsonl(path, on_bad_line)
+    with open(path, encoding="utf-8", errors="replace") as f:  # the lines read_jsonl kept
+        numbers = [n for n, line in enumerate(f, start=1) if line.strip() and n not in skipped]
+    return list(zip(numbers, records, strict=False))  # a line appended since has no record
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PlotError(f"out={out}: is a file, expected a folder")
+
+
 def series(records: list[dict], x: str, y: str) -> tuple[list, list]:
-    points = [(r[x], r[y]) for r in records if r.get(x) is not None and r.get(y) is not None]
+    """The (x, y) points of the records where both are numbers."""
+    points = [(r.get(x), r.get(y)) for r in records]
+    points = [p for p in points if all(map(is_number, p))]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plot_runs(runs: dict[str, list[dict]], out: Path) -> list[Path]:
@@ -109,7 +142,8 @@ def _lines(
                 ax.plot(x, y, style, color=color, label=f"{name} {label}")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a run may lack these metrics
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -135,14 +169,13 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(arg.removeprefix("out="))
         else:
             dirs.append(Path(arg))
-    try:
+    with errors_as_one_line("dlt-plot", also=(PlotError,)):
         if not dirs:
             raise PlotError("no run directory given")
+        out = out or dirs[0] / "plots"
+        check_out(out)
         runs = {d.name or str(d): read_metrics(d) for d in dirs}
-        written = plot_runs(runs, out or dirs[0] / "plots")
-    except PlotError as err:
-        print(f"dlt-plot: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        written = plot_runs(runs, out)
     for path in written:
         print(f"wrote {path}")
 

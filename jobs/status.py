@@ -13,39 +13,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs.cli import errors_as_one_line
 from trainer import checkpoint
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a JSONL file (a line being written is skipped)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+from trainer.run_dir import CONFIG, JOBS, METRICS, read_jsonl
 
 
 def last_step(run_dir: Path) -> int:
     """The last step logged to `<run_dir>/metrics.jsonl` (0 before the first)."""
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    return records[-1]["step"] if records else 0
+    steps = [r["step"] for r in read_jsonl(Path(run_dir) / METRICS) if "step" in r]
+    return steps[-1] if steps else 0
+
+
+def warn(message: str) -> None:
+    print(f"dlt-status: warning: {message}", file=sys.stderr)
 
 
 def run_state(run_dir: Path) -> dict[str, Any]:
-    """A summary of the run in `run_dir` (raises FileNotFoundError when it is no run)."""
-    if not (run_dir / "config.yaml").exists() and not (run_dir / "jobs.jsonl").exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml or jobs.jsonl: not a run directory")
-    metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
-    events = read_jsonl(run_dir / "jobs.jsonl")
+    """A summary of the run in `run_dir` (raises FileNotFoundError when it is no run).
+
+    Unreadable lines of its JSONL files are skipped, each with a warning on stderr."""
+    if not (run_dir / CONFIG).exists() and not (run_dir / JOBS).exists():
+        raise FileNotFoundError(f"{run_dir}: no {CONFIG} or {JOBS}: not a run directory")
+    metrics = [m for m in read_jsonl(run_dir / METRICS, warn) if "loss" in m and "step" in m]
+    events = read_jsonl(run_dir / JOBS, warn)
     starts = [e for e in events if e.get("event") == "start"]
     latest = checkpoint.latest(run_dir)
     last = events[-1] if events else {}
     if last.get("event") == "end":
-        state = last["outcome"]  # finished | stopped | failed
+        state = last.get("outcome", "unknown")  # finished | stopped | failed
     else:
         state = "running (or killed)" if starts else "unknown"
     job_ids = list(dict.fromkeys(str(e["slurm_job_id"]) for e in events if e.get("slurm_job_id")))
@@ -64,7 +59,8 @@ def run_state(run_dir: Path) -> dict[str, Any]:
 
 
 def format_state(s: dict[str, Any]) -> str:
-    loss = f" (loss {s['last_loss']:.4f})" if s["last_loss"] is not None else ""
+    loss = f" (loss {s['last_loss']:.4f})" if isinstance(s["last_loss"], (int, float)) else ""
+    step = "none logged yet" if s["last_step"] is None else f"{s['last_step']}{loss}"
     ckpt = (
         f"step {s['checkpoint_step']}: {s['last_checkpoint']}" if s["last_checkpoint"] else "none"
     )
@@ -72,7 +68,7 @@ def format_state(s: dict[str, Any]) -> str:
     return (
         f"{s['run_dir']}\n"
         f"  state:           {s['state']}\n"
-        f"  last step:       {s['last_step']}{loss}\n"
+        f"  last step:       {step}\n"
         f"  last checkpoint: {ckpt}\n"
         f"  starts:          {s['starts']} ({s['restarts']} restarts)\n"
         f"  SLURM jobs:      {jobs}"
@@ -91,11 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     as_json = "--json" in argv
     for arg in (a for a in argv if a != "--json"):
-        try:
+        with errors_as_one_line("dlt-status"):
             state = run_state(Path(arg))
-        except FileNotFoundError as err:
-            print(f"dlt-status: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
         print(json.dumps(state) if as_json else format_state(state))
 
 

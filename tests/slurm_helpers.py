@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.status import last_step, read_jsonl
+from jobs.status import last_step
+from trainer.run_dir import JOBS, METRICS, read_jsonl
 
 CLUSTER_DIR = os.environ.get("DLT_CLUSTER_DIR", "/tmp/dlt-cluster")
 SLURM_CONF = f"{CLUSTER_DIR}/slurm.conf"
@@ -87,8 +88,8 @@ def wait_for_step(run_dir: Path, step: int, timeout_s: float = 120) -> None:
 
 def losses(run_dir: Path) -> dict[int, float]:
     """Per-step training loss; a step logged twice (redone after a crash) keeps its last."""
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / METRICS) if "loss" in r}
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(run_dir / "jobs.jsonl")
+    return read_jsonl(run_dir / JOBS)

@@ -15,7 +15,6 @@ still its own test with its own id.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from trainer import checkpoint
 from trainer.config import ConfigError, load_config
 from trainer.generate import load_model
 from trainer.parallel import check_layout
+from trainer.run_dir import METRICS, read_jsonl
 from trainer.train import run
 
 pytestmark = pytest.mark.multiproc
@@ -220,8 +220,7 @@ def runs(tmp_path_factory) -> Runs:
 
 
 def records(run_dir: Path) -> dict[int, dict[str, Any]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
+    return {r["step"]: r for r in read_jsonl(run_dir / METRICS)}
 
 
 def assert_close_per_step(

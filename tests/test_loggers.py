@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from jobs.plot import main as plot_main
 from trainer import checkpoint
+from trainer.run_dir import CHECKPOINTS, METRICS, read_jsonl
 from trainer.train import run
 
 
@@ -18,7 +18,7 @@ def crash_after_step_5(cfg: dict) -> Path:
     the job died after logging step 5 but before saving it."""
     run(cfg, stop_requested=lambda step: step == 5)
     run_dir = Path(cfg["run"]["dir"])
-    shutil.rmtree(run_dir / "checkpoints" / "step_5")
+    shutil.rmtree(run_dir / CHECKPOINTS / "step_5")
     return run_dir
 
 
@@ -55,7 +55,7 @@ def test_metrics_report_restarts_and_time_split(tiny):
     cfg = tiny(checkpoint={"interval": 2})
     run(cfg, stop_requested=lambda step: step == 2)
     run(cfg)
-    rows = [json.loads(line) for line in (Path(cfg["run"]["dir"]) / "metrics.jsonl").open()]
+    rows = read_jsonl(Path(cfg["run"]["dir"]) / METRICS)
     assert [r["restarts"] for r in rows] == [0, 0, 1, 1, 1, 1]
     for r in rows:
         assert 0 <= r["time_data_s"] <= r["time_step_s"]
@@ -75,23 +75,54 @@ def test_plot_draws_pngs_from_real_runs(tiny, tmp_path, capsys):
         assert data.startswith(b"\x89PNG") and len(data) > 5000
 
 
+GOOD = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
 @pytest.mark.parametrize(
-    "content, message",
+    "content, warning",
     [
-        ("", "empty"),
-        ('{"step": 1, "loss": 2.0}\nnot json\n', "metrics.jsonl:2"),
-        ("[1, 2]\n", "metrics.jsonl:1"),
+        (GOOD + '{"step": 3, "lo', f"{METRICS}:3: not JSON"),  # torn by a crash
+        (GOOD + "not json\n" + GOOD, f"{METRICS}:3: not JSON"),
+        ("[1, 2]\n" + GOOD, f"{METRICS}:1: not a JSON object"),
+        (GOOD + '{"step": "3", "loss": 1.0}\n', f"{METRICS}:3: step '3' is not an integer"),
+        ('\n{"loss": 1.0}\n' + GOOD, f"{METRICS}:2: step None is not an integer"),
     ],
+    ids=["torn", "not-json", "not-an-object", "string-step", "no-step"],
 )
-def test_plot_rejects_bad_metrics_in_one_line(tmp_path, capsys, content, message):
+def test_plot_skips_a_bad_line_with_one_warning_and_still_plots(tmp_path, capsys, content, warning):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text(content)
+    (run_dir / METRICS).write_text(content)
+    plot_main([str(run_dir), f"out={tmp_path / 'plots'}"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dlt-plot: warning: ") and warning in err
+    assert (tmp_path / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("content", ["", "not json\n", '{"step": 1.5, "loss": 2.0}\n'])
+def test_plot_of_no_plottable_step_is_a_one_line_error(tmp_path, capsys, content):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / METRICS).write_text(content)
     with pytest.raises(SystemExit) as exit_info:
         plot_main([str(run_dir)])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("dlt-plot: error:") and message in err
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"dlt-plot: error: {run_dir / METRICS}: no logged steps (yet)"
+    assert len(err) == 1 + bool(content)  # the skipped line's warning, then the error
+
+
+def test_plot_into_an_existing_file_is_a_one_line_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / METRICS).write_text(GOOD)
+    (tmp_path / "plots").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_main([str(run_dir), f"out={tmp_path / 'plots'}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"dlt-plot: error: out={tmp_path / 'plots'}: is a file, expected a folder\n"
+    )
 
 
 def test_plot_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):

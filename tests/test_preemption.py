@@ -3,7 +3,6 @@ running the same command again continues exactly where it stopped."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from trainer.run_dir import METRICS, read_jsonl
 
 TRAIN = [
     "data=dummy",
@@ -30,15 +31,13 @@ TRAIN = [
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / METRICS)}
 
 
 def wait_for_steps(run_dir: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+        if len(read_jsonl(run_dir / METRICS)) >= n:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)
