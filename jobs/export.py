@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from data_prep.tokenizers import get_tokenizer
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
-from trainer.generate import load_model
+from trainer.generate import checkpoint_tokenizer, load_model
 from trainer.hf import save_hf
 from trainer.model import GPT
 
@@ -52,9 +51,7 @@ def check_target(out: Path, overwrite: bool) -> None:
 def write_export(model: GPT, state: dict, fmt: str, folder: Path) -> None:
     """Write the export files of `model` (trainer `state` from its checkpoint) into `folder`."""
     if fmt == "hf":
-        tokenizer_name = state["config"]["data"]["tokenizer"]
-        eot_id = get_tokenizer(tokenizer_name, state["checkpoint_dir"]).eot_id
-        save_hf(model, folder, eot_id=eot_id)
+        save_hf(model, folder, eot_id=checkpoint_tokenizer(state).eot_id)
         return
     # Plain tensors only (tied lm_head dropped): torch.load(path, weights_only=True) reads it.
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}

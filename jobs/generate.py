@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from data_prep.tokenizers import get_tokenizer
+from data_prep.tokenizers import NAMES
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
-from trainer.config import ConfigError
+from trainer.config import DEVICES, ConfigError
 from trainer.distributed import pick_device
-from trainer.generate import generate, load_model
+from trainer.generate import checkpoint_tokenizer, generate, load_model
 
 USAGE = 'checkpoint=PATH prompt="..." max_new_tokens=N temperature=T top_k=K top_p=P seed=S'
 
@@ -32,16 +33,26 @@ class GenerateConfig:
 
 
 def check(cfg: GenerateConfig) -> None:
-    if cfg.max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 0")
-    if cfg.temperature < 0:
-        raise ConfigError(f"temperature={cfg.temperature}: must be >= 0 (0 = greedy)")
+    """Every value in range, before the checkpoint is read; each error names its key."""
+    if cfg.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens}: must be >= 1")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise ConfigError(
+            f"temperature={cfg.temperature}: must be a finite number >= 0 (0 = greedy)"
+        )
     if cfg.top_k < 0:
         raise ConfigError(f"top_k={cfg.top_k}: must be >= 0 (0 = off)")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"top_p={cfg.top_p}: must be in (0, 1]")
     if cfg.num_samples < 1:
         raise ConfigError(f"num_samples={cfg.num_samples}: must be >= 1")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device={cfg.device!r}: expected one of {', '.join(DEVICES)}")
+    if cfg.tokenizer is not None and cfg.tokenizer not in NAMES:
+        raise ConfigError(
+            f"tokenizer={cfg.tokenizer!r}: expected one of {', '.join(NAMES)} "
+            "(or null: the one the run was trained with)"
+        )
 
 
 def parse(argv: list[str]) -> GenerateConfig:
@@ -55,8 +66,7 @@ def sample_texts(cfg: GenerateConfig) -> list[str]:
     """The generated texts (prompt included), one per sample."""
     device = pick_device(cfg.device)
     model, state = load_model(cfg.checkpoint, device)
-    name = cfg.tokenizer or state["config"]["data"]["tokenizer"]
-    tokenizer = get_tokenizer(name, state["checkpoint_dir"])
+    tokenizer = checkpoint_tokenizer(state, cfg.tokenizer)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ConfigError(
             f"tokenizer={tokenizer.name} has {tokenizer.vocab_size} ids but the model only "

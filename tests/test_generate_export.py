@@ -10,8 +10,9 @@ import torch
 from data_prep.tokenizers import get_tokenizer
 from jobs import export as export_cli
 from jobs import generate as generate_cli
+from trainer.checkpoint import CheckpointError
 from trainer.config import ModelConfig
-from trainer.generate import filter_logits, generate, load_model
+from trainer.generate import checkpoint_tokenizer, filter_logits, generate, load_model
 from trainer.hf import save_hf
 from trainer.model import GPT, new_kv_cache
 
@@ -408,6 +409,14 @@ def test_export_out_with_a_too_long_name(run_dir, tmp_path, capsys):
         (["temperature=-1"], "temperature"),
         (["foo=1"], "foo"),
         (["max_new_tokens=many"], "max_new_tokens"),
+        (["max_new_tokens=0"], "max_new_tokens=0: must be >= 1"),
+        (["temperature=nan"], "temperature=nan: must be a finite number >= 0"),
+        (["temperature=inf"], "temperature=inf: must be a finite number >= 0"),
+        (["temperature=-inf"], "temperature=-inf"),
+        (["top_p=nan"], "top_p=nan: must be in (0, 1]"),
+        (["top_k=-1"], "top_k=-1: must be >= 0"),
+        (["device=tpu"], "device='tpu': expected one of auto, cpu, cuda"),
+        (["tokenizer=foo"], "tokenizer='foo': expected one of gpt2, bpe, bytes"),
     ],
 )
 def test_generate_bad_arguments(run_dir, capsys, argv, names):
@@ -417,6 +426,22 @@ def test_generate_bad_arguments(run_dir, capsys, argv, names):
     captured = capsys.readouterr()
     assert names in one_error_line(captured.err, "dlt-generate")
     assert captured.out == ""
+
+
+def test_generate_bpe_on_a_checkpoint_without_one(run_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main([f"checkpoint={run_dir}", "tokenizer=bpe", "device=cpu"])
+    assert exc.value.code == 2
+    line = one_error_line(capsys.readouterr().err, "dlt-generate")
+    assert "tokenizer=bpe: checkpoint " in line
+    assert "carries no trained BPE tokenizer (tokenizer.tiktoken); use tokenizer=bytes" in line
+
+
+def test_bpe_run_whose_checkpoint_lost_its_tokenizer(tmp_path):
+    state = {"config": {"data": {"tokenizer": "bpe"}}, "checkpoint_dir": str(tmp_path)}
+    with pytest.raises(CheckpointError, match="copy the dataset's tokenizer.tiktoken into it"):
+        checkpoint_tokenizer(state)
+    assert checkpoint_tokenizer(state, "bytes").name == "bytes"
 
 
 def test_generate_missing_checkpoint(tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokenizers import BPE_FILE, Tokenizer, get_tokenizer
 from trainer import checkpoint
 from trainer.config import ModelConfig
 from trainer.model import GPT, new_kv_cache
@@ -96,3 +97,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
     model = GPT(cfg)
     checkpoint.load(folder, model)
     return model.to(device).eval(), state
+
+
+def checkpoint_tokenizer(state: dict, name: str | None = None) -> Tokenizer:
+    """Tokenizer `name` for a checkpoint (default: the run's own, `data.tokenizer`); a trained
+    BPE is read from the checkpoint folder (`state` as returned by `load_model`)."""
+    trained = state["config"]["data"]["tokenizer"]
+    name = name or trained
+    folder = Path(state["checkpoint_dir"])
+    if name == "bpe" and not (folder / BPE_FILE).is_file():
+        if trained == "bpe":
+            instead = f"the run was trained with it: copy the dataset's {BPE_FILE} into it"
+        else:
+            instead = f"use tokenizer={trained}, the one the run was trained with"
+        raise checkpoint.CheckpointError(
+            f"tokenizer=bpe: checkpoint {folder} carries no trained BPE tokenizer "
+            f"({BPE_FILE}); {instead}"
+        )
+    return get_tokenizer(name, folder)
