@@ -21,7 +21,6 @@ if __name__ == "__main__":
 else:
     EARLY_SIGNAL = None
 
-import json
 import os
 import socket
 import sys
@@ -37,10 +36,11 @@ from jobs.cli import (
     wants_help,
 )
 from jobs.submit import ClusterProfile, check_profile, submit_training
-from trainer import checkpoint, distributed
+from trainer import distributed
+from trainer import run_dir as run_files
 from trainer.config import Config, ConfigError, load_config
 from trainer.preemption import StopOnSignal  # noqa: F811 (also imported early, above)
-from trainer.train import find_resume_point, run
+from trainer.train import run
 
 USAGE = (
     "model=<preset> parallel=<preset> data=<preset> train.max_steps=N run.dir=DIR "
@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
                 submit_training(profile, argv, dry_run)
                 return
             train_here(cfg, early_signal)
+    except KeyboardInterrupt:
+        print(
+            "dlt-train: interrupted (second Ctrl-C): stopped without a checkpoint; running "
+            "the same command again resumes from the last one",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     finally:
         early_signal.restore()
     # Only after success: on an error this rank exits at once (torchrun then stops the others)
@@ -97,12 +104,18 @@ def main(argv: list[str] | None = None) -> None:
 def train_here(cfg: Config, early_signal: StopOnSignal | None = None) -> None:
     """Train in this process, reporting the start and the outcome for SLURM and dlt-status."""
     world = distributed.world_from_env()
+    started = False
+
+    def on_start(resume_from: Path | None, step: int) -> None:
+        nonlocal started
+        started = True
+        announce_start(cfg, world, resume_from, step)
+
     try:
-        resume_from = find_resume_point(cfg) if cfg.resume != "none" else None
-        announce_start(cfg, world, resume_from)
-        result = run(cfg, stop_requested=early_signal)
+        result = run(cfg, stop_requested=early_signal, on_start=on_start)
     except BaseException:
-        report_outcome(cfg, world, "failed", None)
+        # Before the start, the run directory may be another trainer's: leave its records.
+        report_outcome(cfg, world, "failed", None, record=started)
         raise
     outcome = "stopped" if result.stopped_early else "finished"
     report_outcome(cfg, world, outcome, result.step)
@@ -117,42 +130,40 @@ def slurm_info() -> dict[str, object]:
     }
 
 
-def announce_start(cfg: Config, world: distributed.World, resume_from: Path | None) -> None:
-    """One line per node (its first process): where it runs, which ranks, restart, resume."""
-    resumed = f"resuming from step {checkpoint.step_of(resume_from)}" if resume_from else "fresh"
+def announce_start(
+    cfg: Config, world: distributed.World, resume_from: Path | None, step: int
+) -> None:
+    """Under SLURM, one line per node (its first process): which ranks, which restart, where
+    it resumes. Rank 0 records the start in `jobs.jsonl` (dlt-status)."""
     info = slurm_info()
-    if world.local_rank == 0:
+    if world.local_rank == 0 and info["slurm_job_id"]:
         last_rank = world.rank + world.local_size - 1
-        job = (
-            f"SLURM job {info['slurm_job_id']} restart {info['restart_count']}, "
-            if info["slurm_job_id"]
-            else ""
-        )
+        resumed = f"resuming from step {step}" if resume_from else "starting at step 0"
         print(
-            f"dlt-train: {socket.gethostname()} node {os.environ.get('GROUP_RANK', 0)}: "
-            f"ranks {world.rank}-{last_rank} of {world.size}, {job}{resumed}",
+            f"dlt-train: node {os.environ.get('GROUP_RANK', 0)}: ranks {world.rank}-{last_rank} "
+            f"of {world.size} on {socket.gethostname()}, SLURM job "
+            f"{info['slurm_job_id']} restart {info['restart_count']}, {resumed}",
             flush=True,
         )
     if world.is_main:
-        step = checkpoint.step_of(resume_from) if resume_from else 0
         append_event(cfg, {"event": "start", "world_size": world.size, "step": step, **info})
 
 
-def report_outcome(cfg: Config, world: distributed.World, outcome: str, step: int | None) -> None:
+def report_outcome(
+    cfg: Config, world: distributed.World, outcome: str, step: int | None, record: bool = True
+) -> None:
+    """The outcome for the batch script (requeue a stopped run) and, if `record`, jobs.jsonl."""
     if outcome == "failed" or world.is_main:
         path = os.environ.get("DLT_OUTCOME_FILE")
         if path:
             Path(path).write_text(outcome + "\n")
-    if world.is_main:
+    if world.is_main and record:
         append_event(cfg, {"event": "end", "outcome": outcome, "step": step, **slurm_info()})
 
 
 def append_event(cfg: Config, event: dict[str, object]) -> None:
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **event}
-    with open(run_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps(event) + "\n")
+    run_files.append_jsonl(Path(cfg.run.dir) / run_files.JOBS, event)
 
 
 if __name__ == "__main__":

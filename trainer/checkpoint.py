@@ -1,15 +1,22 @@
-"""Checkpoints with `torch.distributed.checkpoint` (DCP), atomic and verifiable.
+"""Checkpoints with `torch.distributed.checkpoint` (DCP): atomic, checksummed, never executed.
 
 Layout of one checkpoint, `<run>/checkpoints/step_<N>/`:
 
     .metadata, __<rank>_<i>.distcp   DCP: model, optimizer, per-rank RNG states (tensors)
     trainer_state.json               step, data position, config, logger ids (plain JSON)
-    complete.json                    written last: the size of every file above
+    complete.json                    size and sha256 of every file above
 
-DCP writes into `.step_<N>.tmp/`; once every rank has finished (DCP's save is collective),
-rank 0 adds `trainer_state.json`, renames the folder to `step_<N>` and writes `complete.json`.
-A folder without a valid `complete.json` (a crash mid-save, a truncated file) is never picked
-by `resume=auto`, and loading it explicitly fails with a clear error.
+DCP writes into `.step_<N>.tmp/`, each rank hashing its files as it writes them
+(`trainer.checkpoint_files`). Once every rank has finished (DCP's save is collective), rank 0
+adds `trainer_state.json` and `complete.json` and renames the folder to `step_<N>`: the rename
+is the commit, so a `step_<N>` folder is either whole or damaged afterwards, never half-written.
+
+Before a checkpoint is loaded, every file is checked against `complete.json` (the ranks share
+the hashing), the JSON is parsed and DCP's pickled index is read by a restricted unpickler.
+`resume=auto` takes the newest checkpoint that passes, says why it skipped any newer one and
+moves those aside (`checkpoints/broken-<time>/`); a run directory whose checkpoints all fail is
+refused, never silently restarted. Resuming explicitly from an older checkpoint moves the newer
+ones aside (`checkpoints/abandoned-<time>/`), so the run's history stays one line of steps.
 
 DCP stores every tensor with its global shape and each rank's piece of it, so a checkpoint
 written by any parallel layout loads into any other one (resharding happens on load).
@@ -18,11 +25,12 @@ written by any parallel layout loads into any other one (resharding happens on l
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
@@ -42,18 +51,26 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from data_prep.shards import write_json_atomic
-
-COMPLETE_MARK = "complete.json"
-TRAINER_STATE = "trainer_state.json"
-FORMAT_VERSION = 1
+from trainer import distributed
+from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoint API)
+    COMPLETE_MARK,
+    FORMAT_VERSION,
+    TRAINER_STATE,
+    CheckpointError,
+    HashingFileSystemWriter,
+    SafeFileSystemReader,
+    check,
+    is_complete,
+    list_files,
+    read_metadata,
+    read_trainer_state,
+    sha256_file,
+    verify,
+)
 
 # DCP warns that it "assumes a single process" when torch.distributed is not initialised:
 # that is exactly the single-process case, so the warning only adds noise.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt."""
 
 
 def _rank() -> int:
@@ -167,76 +184,132 @@ def checkpoints_root(run_dir: str | Path) -> Path:
 
 
 def step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
+    """N of a checkpoint folder `step_<N>`."""
+    number = path.name.removeprefix("step_")
+    if not path.name.startswith("step_") or not number.isdigit():
+        raise CheckpointError(f"{path}: a checkpoint folder is named step_<N>")
+    return int(number)
 
 
-def _list_files(folder: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != COMPLETE_MARK
-    }
-
-
-def verify(path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless `path` is a complete, untruncated checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
-    mark = path / COMPLETE_MARK
-    if not mark.is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_MARK})")
-    try:
-        expected = json.loads(mark.read_text())["files"]
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{mark}: unreadable completion mark ({err})") from None
-    actual = _list_files(path)
-    for name, size in expected.items():
-        if name not in actual:
-            raise CheckpointError(f"{path}: file {name} is missing")
-        if actual[name] != size:
-            raise CheckpointError(
-                f"{path}: file {name} has {actual[name]} bytes, expected {size} (truncated?)"
-            )
-
-
-def is_complete(path: Path) -> bool:
-    try:
-        verify(path)
-    except CheckpointError:
-        return False
-    return True
-
-
-def list_complete(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def step_folders(run_dir: str | Path) -> list[Path]:
+    """Every `step_<N>` folder of a run, complete or not, oldest first."""
     root = checkpoints_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and is_complete(p)]
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=step_of)
 
 
+# --- choosing what to load ---------------------------------------------------------------
+
+
+@dataclass
+class ResumeChoice:
+    """The checkpoint to load (None: start fresh) and what was done to get there."""
+
+    path: Path | None
+    notes: list[str] = field(default_factory=list)  # one line each, for the run's log
+
+
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run (sizes checked, not the content), or None."""
     found = list_complete(run_dir)
     return found[-1] if found else None
 
 
-def resolve(path: str | Path) -> Path:
-    """A run directory (its newest complete checkpoint) or one checkpoint folder, verified."""
+def list_complete(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return [p for p in step_folders(run_dir) if is_complete(p)]
+
+
+def newest_usable(run_dir: str | Path) -> ResumeChoice:
+    """The newest checkpoint of a run that passes :func:`check` (collective).
+
+    Each newer one that fails is named with why, and moved aside (rank 0) so that it is
+    neither pruned nor mistaken for this run's history. Raises when the run has checkpoint
+    folders but none passes: a run directory is never silently started afresh.
+    """
+    candidates = step_folders(run_dir)[::-1]
+    choice, skipped = ResumeChoice(None), []
+    for path in candidates:
+        problem = check(path)
+        if problem is None:
+            choice.path = path
+            break
+        choice.notes.append(f"skipping checkpoint {path.name}: {problem}")
+        skipped.append(path)
+    if candidates and choice.path is None:
+        raise CheckpointError(
+            f"run.dir {run_dir}: none of its {len(candidates)} checkpoint(s) can be resumed ("
+            + "; ".join(n.removeprefix("skipping checkpoint ") for n in choice.notes)
+            + "): move checkpoints/ away to start afresh, or use another run.dir"
+        )
+    if skipped:
+        where = move_aside(skipped, "broken")
+        _barrier()
+        choice.notes.append(f"moved {', '.join(p.name for p in skipped)} aside to {where}")
+    return choice
+
+
+def explicit(path: str | Path, run_dir: str | Path) -> ResumeChoice:
+    """`resume=PATH`: that checkpoint (or a run directory's newest usable one), checked; this
+    run's checkpoints at or after its step move aside (they belong to the abandoned future)."""
+    choice = resolve_choice(path)
+    assert choice.path is not None
+    step = step_of(choice.path)
+    newer = [
+        p
+        for p in step_folders(run_dir)
+        if step_of(p) >= step and p.absolute() != choice.path.absolute()
+    ]
+    if newer:
+        where = move_aside(newer, "abandoned")
+        _barrier()
+        choice.notes.append(
+            f"resume={path}: this run continues from step {step}; its checkpoints "
+            f"{', '.join(p.name for p in newer)} moved aside to {where}"
+        )
+    return choice
+
+
+def resolve_choice(path: str | Path) -> ResumeChoice:
+    """A run directory (its newest usable checkpoint) or one checkpoint folder, checked."""
     path = Path(path)
     if checkpoints_root(path).is_dir() or (path / "config.yaml").is_file():
-        newest = latest(path)
-        if newest is None:
-            raise CheckpointError(f"{path}: run directory has no complete checkpoint")
-        return newest
-    verify(path)
-    return path
+        choice = newest_usable(path)
+        if choice.path is None:
+            raise CheckpointError(f"{path}: run directory has no checkpoint")
+        return choice
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder or run directory")
+    step_of(path)  # a folder must be named step_<N>
+    problem = check(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return ResumeChoice(path)
 
 
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
+def resolve(path: str | Path, log: Callable[[str], None] | None = None) -> Path:
+    """:func:`resolve_choice`'s checkpoint; its notes (skipped checkpoints) go to `log`."""
+    choice = resolve_choice(path)
+    for note in choice.notes:
+        (log or print)(note)
+    assert choice.path is not None
+    return choice.path
+
+
+def move_aside(paths: list[Path], why: str) -> Path:
+    """Move checkpoint folders into `checkpoints/<why>-<time>/` (the work is rank 0's; the
+    callers hold a barrier after it). Returns that folder."""
+    where = checkpoints_root(paths[0].parent.parent) / f"{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if _rank() == 0:
+        where.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            os.replace(p, where / p.name)
+    return where
+
+
+# --- saving -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -250,24 +323,64 @@ class PendingSave:
     trainer_state: dict[str, Any]
     keep: int
     extra_files: list[Path]
+    writer: HashingFileSystemWriter | None = None  # None: this step was already on disk
     future: Any = None  # from dcp.async_save; None once written
 
+    @property
+    def already_saved(self) -> bool:
+        return self.writer is None
+
     def wait(self) -> Path:
+        if self.writer is None:
+            return self.final
         if self.future is not None:
-            self.future.result()  # this rank's files are written
+            _result(self.future, self.tmp)  # this rank's files are written
             self.future = None
-        _barrier()  # ... and every other rank's
-        if _rank() == 0 and not is_complete(self.final):
-            state = {"format_version": FORMAT_VERSION, **self.trainer_state}
-            write_json_atomic(self.tmp / TRAINER_STATE, state)
-            for extra in self.extra_files:
-                shutil.copyfile(extra, self.tmp / Path(extra).name)
-            os.replace(self.tmp, self.final)
-            files = _list_files(self.final)
-            write_json_atomic(self.final / COMPLETE_MARK, {"step": self.step, "files": files})
+        digests = distributed.all_gather_objects(self.writer.digests)  # ... and every rank's
+        if _rank() == 0:
+            self._commit({k: v for d in digests for k, v in d.items()})
             prune(self.run_dir, self.keep)
         _barrier()
         return self.final
+
+    def _commit(self, digests: dict[str, str | None]) -> None:
+        """Rank 0: add the small files and the checksum list, then rename (the commit)."""
+        write_json_atomic(
+            self.tmp / TRAINER_STATE, {"format_version": FORMAT_VERSION, **self.trainer_state}
+        )
+        for extra in self.extra_files:
+            shutil.copyfile(extra, self.tmp / Path(extra).name)
+        files = {
+            name: {"size": size, "sha256": digests.get(name) or sha256_file(self.tmp / name)}
+            for name, size in list_files(self.tmp).items()
+        }
+        write_json_atomic(self.tmp / COMPLETE_MARK, {"step": self.step, "files": files})
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _result(future: Any, folder: Path) -> None:
+    try:
+        future.result()
+    except CheckpointException as err:
+        raise _one_line(err, folder, "writing") from None
+
+
+def _one_line(err: CheckpointException, folder: Path, doing: str) -> BaseException:
+    """DCP's multi-rank exception as one line (an OSError stays one, e.g. a full disk)."""
+    cause = next(iter(err.failures.values()))[0] if err.failures else err
+    if isinstance(cause, OSError):
+        return cause
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return CheckpointError(f"{folder}: {doing} the checkpoint failed: {first}")
 
 
 def start_save(
@@ -284,24 +397,36 @@ def start_save(
     to CPU memory now and writes the files in a background thread while training goes on;
     the checkpoint becomes visible only when `wait()` has run on every rank.
 
-    `extra_files` (e.g. the tokenizer) are copied in next to the state.
+    `extra_files` (e.g. the tokenizer) are copied in next to the state. A step that is
+    already on disk (preempted again right after resuming from it) is not written again:
+    `already_saved` says so.
     """
     root = checkpoints_root(run_dir)
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
     pending = PendingSave(Path(run_dir), step, tmp, final, trainer_state, keep, list(extra_files))
-    if is_complete(final):  # e.g. preempted again right after resuming from this step
+    if is_complete(final):
         return pending
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
+        if final.exists():  # damaged (a complete one would have been returned above)
+            move_aside([final], "broken")
         tmp.mkdir(parents=True)
     _barrier()
+    pending.writer = HashingFileSystemWriter(tmp)
     state = {"app": ModelAndOptimizer(model, optimizer), f"rng_rank{_rank()}": rng_state()}
-    if asynchronous:
-        pending.future = dcp.async_save(state, checkpoint_id=tmp, process_group=_async_group())
-    else:
-        dcp.save(state, checkpoint_id=tmp)
+    try:
+        if asynchronous:
+            pending.future = dcp.async_save(
+                state,
+                checkpoint_id=tmp,
+                storage_writer=pending.writer,
+                process_group=_async_group(),
+            )
+        else:
+            dcp.save(state, checkpoint_id=tmp, storage_writer=pending.writer)
+    except CheckpointException as err:
+        raise _one_line(err, tmp, "writing") from None
     return pending
 
 
@@ -328,22 +453,33 @@ def prune(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# --- loading ----------------------------------------------------------------------------
+
+
 def load(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, Any]:
-    """Load a verified checkpoint into `model` (and `optimizer`, and this rank's RNG).
-
-    Returns the trainer state (step, data position, config, ...).
-    """
+    """Load a checkpoint into `model` (and `optimizer`, and this rank's RNG), after checking
+    every file against its checksum (collective). Returns the trainer state."""
     path = Path(path)
-    verify(path)
+    problem = check(path)
+    if problem is not None:
+        raise CheckpointError(problem)
     state: dict[str, Any] = {"app": ModelAndOptimizer(model, optimizer)}
     rng_key = f"rng_rank{_rank()}"
-    saved_keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved_keys = read_metadata(path).state_dict_metadata
     saved_rng = {k: v for k, v in rng_state().items() if f"{rng_key}.{k}" in saved_keys}
     if optimizer is not None and saved_rng:  # RNG only matters when training continues
         state[rng_key] = saved_rng
-    dcp.load(state, checkpoint_id=path, planner=WeightsOnlyLoadPlanner())
+    try:
+        dcp.load(
+            state,
+            checkpoint_id=path,
+            storage_reader=SafeFileSystemReader(path),
+            planner=WeightsOnlyLoadPlanner(),
+        )
+    except CheckpointException as err:
+        raise _one_line(err, path, "loading") from None
     if rng_key in state:
         set_rng_state(state[rng_key])
     return read_trainer_state(path)

@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 1337
     activation_checkpointing: bool = False
     compile: bool = False
+    cpu_threads: int = 0  # torch threads per process on CPU; 0: auto (see trainer.distributed)
 
 
 @dataclass
@@ -175,6 +176,12 @@ def _positive(cfg: Config, *keys: str) -> None:
         _require(value is not None and value > 0, f"{key}={value}: must be a positive number")
 
 
+def _finite(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        _require(math.isfinite(value), f"{key}={value}: must be a finite number")
+
+
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{key}={value!r}: expected one of {', '.join(allowed)}")
 
@@ -206,6 +213,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
     _positive(cfg, "train.micro_batch_size", "train.grad_accum")
     _positive(cfg, "train.max_steps", "train.lr", "checkpoint.keep", "log.interval")
+    _finite(cfg, "train.lr", "train.min_lr", "train.weight_decay", "train.grad_clip")
+    _finite(cfg, "model.dropout", "model.layer_norm_eps")
+    _positive(cfg, "model.layer_norm_eps")
+    _require(t.cpu_threads >= 0, f"train.cpu_threads={t.cpu_threads}: must be >= 0 (0: auto)")
     resolve_auto_size(p, world_size)
     _positive(cfg, "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp")
     _positive(cfg, "parallel.pp_microbatches", "parallel.ddp_bucket_mb")

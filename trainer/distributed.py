@@ -49,19 +49,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def init(device_name: str = "auto") -> tuple[World, torch.device]:
-    """Join the job's process group (if there is more than one process) and pick our device."""
+def cpu_threads(requested: int, local_size: int) -> int:
+    """Torch's intra-op threads for one of `local_size` processes on this machine.
+
+    0 (auto): `OMP_NUM_THREADS` when the user set it, else the cores this process may run on
+    (its affinity, as SLURM or taskset restrict it) shared among the local processes, less one
+    for the data loader's thread. More threads than free cores make every matrix product wait
+    for a descheduled thread: on a loaded 2-core machine the default made training ~10x slower.
+    """
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // local_size - 1)
+
+
+def init(device_name: str = "auto", threads: int = 0) -> tuple[World, torch.device]:
+    """Join the job's process group (if there is more than one process), pick our device and
+    set torch's CPU threads (:func:`cpu_threads`)."""
     world = world_from_env()
+    torch.set_num_threads(cpu_threads(threads, world.local_size))
     use_cuda = pick_device(device_name).type == "cuda"
     if use_cuda:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # Several ranks on one CPU: share its cores instead of each using all of them.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        if world.local_size > 1:
-            torch.set_num_threads(max(1, cores // world.local_size))
     if world.size > 1 and not dist.is_initialized():
         dist.init_process_group(
             # gloo next to NCCL: asynchronous checkpoints coordinate on the CPU.
@@ -106,3 +120,12 @@ def all_gather_floats(values: list[float], device: torch.device) -> list[list[fl
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     return [g.tolist() for g in gathered]
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (small, picklable: our own ranks' values), in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

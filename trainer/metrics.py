@@ -8,7 +8,6 @@ writes.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from trainer.run_dir import METRICS, TRAIN_LOG, append_jsonl, read_jsonl, rewrite_jsonl
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -63,8 +64,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.sinks = sinks or []  # TensorBoard / W&B (trainer.loggers)
         self.max_steps = max_steps
-        self.path = run_dir / "metrics.jsonl"
-        self.text_log = run_dir / "train.log"
+        self.path = run_dir / METRICS
+        self.text_log = run_dir / TRAIN_LOG
         self.bar = None
         if not enabled:
             return
@@ -73,15 +74,11 @@ class MetricsLogger:
             self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def _drop_records_after(self, step: int) -> None:
-        """On resume, forget steps logged after the checkpoint: they are about to be redone."""
-        if not self.path.exists():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """On resume, forget steps logged after the checkpoint: they are about to be redone.
+        A torn last line (a crash or a full disk mid-write) goes too."""
+        if self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+            rewrite_jsonl(self.path, kept)
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -102,8 +99,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, record)
         for sink in self.sinks:
             sink.log(record, record["step"])
         self.print(format_line(record, self.max_steps))

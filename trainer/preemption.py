@@ -12,8 +12,9 @@ from __future__ import annotations
 import signal
 import threading
 
-# USR1: our sbatch script's --signal; USR2: submitit's; TERM: the end of the time limit.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# USR1: our sbatch script's --signal; USR2: submitit's; TERM: the end of the time limit;
+# INT: Ctrl-C (a second Ctrl-C aborts at once, without a checkpoint).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopOnSignal:
@@ -28,6 +29,8 @@ class StopOnSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort now
         self.received = signal.Signals(signum)
 
     def __call__(self, step: int) -> bool:

@@ -94,6 +94,7 @@ class RunDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,6 +121,19 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` and write a file into it now, so that a read-only or full disk is
+    found before the first step instead of at the first checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    with open(probe, "wb") as f:
+        f.write(b"0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+    probe.unlink()
 
 
 def describe_holder() -> str:

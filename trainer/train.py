@@ -8,6 +8,7 @@ from the newest complete checkpoint, periodic validation, logging and checkpoint
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer import checkpoint, distributed
+from data_prep.shards import DatasetError
+from trainer import checkpoint, distributed, resume
+from trainer import run_dir as run_files
 from trainer.config import Config, ConfigError, load_config, to_dict
 from trainer.data import BatchLoader, build_source, resolve_dataset
 from trainer.hf import load_hf
@@ -27,6 +30,7 @@ from trainer.model import GPT, flops_per_token
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, check_layout, parallelize
 from trainer.preemption import StopOnSignal
+from trainer.run_dir import RunDirError, RunDirLock
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,38 +57,6 @@ def build_model(cfg: Config, device: torch.device) -> GPT:
     torch.manual_seed(cfg.train.seed)
     model = load_hf(cfg.model.init_from, cfg.model) if cfg.model.init_from else GPT(cfg.model)
     return model.to(device)
-
-
-def find_resume_point(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, per `resume=auto|none|PATH`."""
-    if cfg.resume == "none":
-        if checkpoint.latest(cfg.run.dir) is not None:
-            raise ConfigError(
-                f"resume=none but run.dir={cfg.run.dir} already holds checkpoints: "
-                "use resume=auto to continue it, or another run.dir"
-            )
-        return None
-    if cfg.resume == "auto":
-        return checkpoint.latest(cfg.run.dir)
-    return checkpoint.resolve(cfg.resume)
-
-
-def check_same_model(cfg: Config, saved: dict[str, Any], path: Path) -> None:
-    """A checkpoint continues only with the same model shape and the same tokenizer."""
-    saved_model = saved["config"]["model"]
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if saved_model[key] != getattr(cfg.model, key):
-            raise ConfigError(
-                f"model.{key}={getattr(cfg.model, key)} but checkpoint {path} has "
-                f"{saved_model[key]}: resume with the same model"
-            )
-    saved_data = saved["config"]["data"]
-    saved_tok = (saved_data["tokenizer"], saved_data.get("tokenizer_hash"))
-    if saved_tok != (cfg.data.tokenizer, cfg.data.tokenizer_hash):
-        raise ConfigError(
-            f"data.tokenizer={cfg.data.tokenizer} (hash {cfg.data.tokenizer_hash}) but checkpoint "
-            f"{path} was trained with {saved_tok[0]} (hash {saved_tok[1]}): the token ids differ"
-        )
 
 
 @torch.no_grad()
@@ -142,26 +114,141 @@ def train_step(
     return loss_and_count, grad_norm
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (the loss or the weights are no longer finite numbers)."""
+
+
+@dataclass
+class Start:
+    """Where the run starts: step 0, or a checkpoint's state."""
+
+    step: int = 0
+    path: Path | None = None
+    elapsed_s: float = 0.0
+    restarts: int = 0
+    logger_ids: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # lines for the log (skips, changes)
+
+
+def choose_start(cfg: Config) -> tuple[Start, dict[str, Any] | None]:
+    """The checkpoint this run continues (collective), compared with the config; returns the
+    start and the checkpoint's trainer state."""
+    choice = resume.choose(cfg)
+    start = Start(notes=list(choice.notes))
+    if choice.path is None:
+        return start, None
+    saved = checkpoint.read_trainer_state(choice.path)
+    changes = resume.compare(cfg, saved, choice.path, explicit=cfg.resume not in ("auto", "none"))
+    if changes:
+        start.notes.append("resuming with changes: " + "; ".join(changes))
+    start.step, start.path = saved["step"], choice.path
+    start.elapsed_s, start.restarts = saved["elapsed_s"], saved.get("restarts", 0) + 1
+    start.logger_ids = saved.get("logger_ids", {})
+    return start, saved
+
+
+def check_data(cfg: Config) -> None:
+    """What would otherwise fail only at the first evaluation, after the work is done."""
+    if cfg.eval.interval > 0:
+        try:
+            build_source(cfg, "val")
+        except (DatasetError, ConfigError) as err:
+            raise ConfigError(
+                f"eval.interval={cfg.eval.interval}: {err} (eval.interval=0 trains without "
+                "validation)"
+            ) from None
+
+
+def finite_or_stop(
+    non_finite: torch.Tensor, module: torch.nn.Module, step: int, last_saved: Path | None
+) -> None:
+    """Raise :class:`TrainingError` on every rank if any rank saw a non-finite loss since the
+    last call, or holds a non-finite weight: such a state must never become a checkpoint."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    weights_ok = torch.stack([torch.isfinite(p).all() for p in local]).all()
+    bad = torch.stack([non_finite, ~weights_ok]).any().float().reshape(1)
+    if distributed.all_reduce_max(bad).item() > 0:
+        raise TrainingError(
+            f"the loss or the weights are no longer finite at step {step} (too high a train.lr? "
+            f"a model.layer_norm_eps <= 0?): stopped without writing a checkpoint from it; the "
+            f"last good one is {last_saved or 'none'}"
+        )
+    non_finite.zero_()
+
+
 def run(
-    cfg: Config | Mapping[str, Any], stop_requested: Callable[[int], bool] | None = None
+    cfg: Config | Mapping[str, Any],
+    stop_requested: Callable[[int], bool] | None = None,
+    on_start: Callable[[Path | None, int], None] | None = None,
 ) -> RunResult:
     """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened.
 
     Runs as one process or as one rank of a `torchrun` job (the layout comes from
-    `cfg.parallel`). After every optimizer step the ranks agree whether to stop: on SIGUSR1, SIGUSR2
-    or SIGTERM (a scheduler's warning), or when `stop_requested(step)` returns True on any rank,
-    every rank saves a checkpoint and returns.
+    `cfg.parallel`). The run directory is locked while it runs. After every optimizer step the
+    ranks agree whether to stop: on SIGINT (Ctrl-C), SIGUSR1, SIGUSR2 or SIGTERM (a scheduler's
+    warning), or when `stop_requested(step)` returns True on any rank, every rank saves a
+    checkpoint and returns. `on_start(checkpoint, step)` is called on every rank once the start
+    point is known (the launcher's bookkeeping).
     """
     cfg = load_config(cfg, world_size=distributed.world_from_env().size)
     check_layout(cfg)
-    world, device = distributed.init(cfg.device)
+    world, device = distributed.init(cfg.device, cfg.train.cpu_threads)
     manifest = resolve_dataset(cfg)
-    t = cfg.train
+    check_data(cfg)
     run_dir = Path(cfg.run.dir)
-    resume_from = find_resume_point(cfg)
+    lock = run_dir_lock(run_dir, world)
+    try:
+        return _run(cfg, world, device, manifest, run_dir, stop_requested, on_start)
+    finally:
+        lock.release()
+
+
+def run_dir_lock(run_dir: Path, world: distributed.World) -> RunDirLock:
+    """Rank 0 locks the run directory; every rank gets
+    the same answer, so a refused job ends on every rank with the same one line."""
+    lock = RunDirLock(run_dir)
+    refusal = None
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
+        try:
+            lock.acquire()
+        except (RunDirError, OSError) as err:
+            lock.release()
+            refusal = err
+    refusals = distributed.all_gather_objects(str(refusal) if refusal else None)
+    if refusal is not None:
+        raise refusal
+    if refusals[0] is not None:
+        raise RunDirError(refusals[0])
+    return lock
+
+
+def _run(
+    cfg: Config,
+    world: distributed.World,
+    device: torch.device,
+    manifest: dict[str, Any] | None,
+    run_dir: Path,
+    stop_requested: Callable[[int], bool] | None,
+    on_start: Callable[[Path | None, int], None] | None,
+) -> RunResult:
+    t = cfg.train
+    start, saved = choose_start(cfg)
+    if on_start is not None:
+        on_start(start.path, start.step)
+    if start.step >= t.max_steps:
+        if world.is_main:
+            for note in start.notes:
+                print(note, flush=True)
+            print(
+                f"run.dir {run_dir} is already complete: step {start.step} of "
+                f"train.max_steps={t.max_steps} ({start.path}); nothing to do (raise "
+                "train.max_steps to train further, or use another run.dir)",
+                flush=True,
+            )
+        return RunResult(run_dir, start.step, start.path, last_checkpoint=start.path)
+    if world.is_main:  # a read-only or full disk shows now, not at the first checkpoint
+        run_files.check_writable(run_dir / run_files.CHECKPOINTS)
+        (run_dir / run_files.CONFIG).write_text(OmegaConf.to_yaml(to_dict(cfg)))
 
     layout = build_layout(cfg, device.type, world.size)
     full_model = build_model(cfg, device)
@@ -180,20 +267,16 @@ def run(
         pin_memory=device.type == "cuda",
     )
 
-    step, elapsed_before, restarts, logger_ids = 0, 0.0, 0, {}
-    if resume_from is not None:
-        check_same_model(cfg, checkpoint.read_trainer_state(resume_from), resume_from)
+    step, load_s = start.step, 0.0
+    if saved is not None:
         loading = time.perf_counter()
-        saved = checkpoint.load(resume_from, pm.module, optimizer)
+        checkpoint.load(start.path, pm.module, optimizer)
         load_s = time.perf_counter() - loading
-        step, elapsed_before = saved["step"], saved["elapsed_s"]
-        restarts = saved.get("restarts", 0) + 1
-        logger_ids = saved.get("logger_ids", {})
         loader.load_state_dict(saved["data"])
         if saved["grad_scaler"] and scaler.is_enabled():
             scaler.load_state_dict(saved["grad_scaler"])
 
-    sinks = []
+    sinks, logger_ids = [], start.logger_ids
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         sinks, logger_ids = open_sinks(cfg, run_dir, step, logger_ids)
     log = MetricsLogger(run_dir, t.max_steps, step, world.is_main, cfg.log.progress, sinks=sinks)
@@ -203,22 +286,26 @@ def run(
     flops_per_step = flops_per_token(cfg.model, n_params) * tokens_per_step
     peak = peak_tflops(device, cfg.log.peak_tflops)
     p = cfg.parallel
+    for note in start.notes:
+        log.print(note)
     log.print(
-        f"run {run_dir} | model {n_params / 1e6:.2f}M params | {world.size} x {device.type} | "
-        f"mesh pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} | "
+        f"run {run_dir} | model {n_params / 1e6:.2f}M params | {world.size} x {device.type}"
+        + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
+        + f" | mesh pp={p.pp} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp} | "
         f"precision {cfg.precision} | {tokens_per_step:,} tokens/step | "
         + (
-            f"resumed from {resume_from} at step {step} (loaded in {load_s:.2f} s)"
-            if resume_from
+            f"resumed from {start.path} at step {step} (loaded in {load_s:.2f} s)"
+            if start.path
             else "fresh start"
         )
     )
-    result = RunResult(run_dir, step, resume_from)
+    result = RunResult(run_dir, step, start.path, last_checkpoint=start.path)
     # A trained tokenizer travels inside every checkpoint, so generation needs nothing else.
     tokenizer_file = manifest and manifest["tokenizer"]["file"]
     extra = [Path(cfg.data.path) / tokenizer_file] if tokenizer_file else []
     start_time = window_start = time.perf_counter()
     window_steps = 0
+    non_finite = torch.zeros((), dtype=torch.bool, device=device)  # since the last check
 
     pending: checkpoint.PendingSave | None = None
     save_started = 0.0
@@ -228,22 +315,26 @@ def run(
         if pending is not None:
             result.last_checkpoint = pending.wait()
             took = time.perf_counter() - save_started  # async: includes the steps meanwhile
-            how = "async, complete" if cfg.checkpoint.async_save else "written in"
-            log.print(f"checkpoint saved: {result.last_checkpoint} ({how} {took:.2f} s)")
+            if pending.already_saved:
+                log.print(f"checkpoint {result.last_checkpoint} is already on disk (kept as is)")
+            else:
+                how = "async, complete" if cfg.checkpoint.async_save else "written in"
+                log.print(f"checkpoint saved: {result.last_checkpoint} ({how} {took:.2f} s)")
             pending = None
 
     def save() -> None:
         nonlocal pending, save_started
         finish_pending_save()  # one checkpoint in flight at a time
+        finite_or_stop(non_finite, pm.module, step, result.last_checkpoint)
         save_started = time.perf_counter()
         state = {
             "step": step,
             "data": loader.state_dict(),
             "grad_scaler": scaler.state_dict(),
-            "elapsed_s": elapsed_before + time.perf_counter() - start_time,
+            "elapsed_s": start.elapsed_s + time.perf_counter() - start_time,
             "config": to_dict(cfg),
             "world_size": world.size,
-            "restarts": restarts,
+            "restarts": start.restarts,
             "logger_ids": logger_ids,
             "torch_version": torch.__version__,
         }
@@ -261,70 +352,79 @@ def run(
             finish_pending_save()
 
     timer = {"data": 0.0, "optimizer": 0.0, "checkpoint": 0.0}  # seconds in this log window
-    signals = StopOnSignal()  # preemption warning / SIGTERM: checkpoint, then return
+    signals = StopOnSignal()  # Ctrl-C, preemption warning, SIGTERM: checkpoint, then return
     pm.module.train()
-    while step < t.max_steps:
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_and_count, grad_norm = train_step(pm, optimizer, scaler, loader, cfg, device, timer)
-        step += 1
-        window_steps += 1
-        log.advance()
+    try:
+        while step < t.max_steps:
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_and_count, grad_norm = train_step(
+                pm, optimizer, scaler, loader, cfg, device, timer
+            )
+            non_finite |= ~torch.isfinite(loss_and_count[0])
+            step += 1
+            window_steps += 1
+            log.advance()
 
-        last = step == t.max_steps
-        eval_due = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
-        if step % cfg.log.interval == 0 or last or eval_due:
-            loss_sum, count = distributed.all_reduce_sum(loss_and_count).tolist()
-            record = {
-                "step": step,
-                "loss": loss_sum / count,
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-            }
-            now = time.perf_counter()  # after the collectives: the window's work is done
-            step_time = (now - window_start) / window_steps
-            memory = memory_per_rank(pm.module, optimizer, device)
-            record |= {
-                "tokens_per_s": tokens_per_step / step_time,
-                "tokens_per_s_per_device": tokens_per_step / step_time / world.size,
-                "mfu": flops_per_step / step_time / world.size / (peak * 1e12) if peak else None,
-                **memory,
-                "tokens": step * tokens_per_step,
-                "elapsed_s": elapsed_before + now - start_time,
-                # where a step's time went (averages over the window, this rank's view)
-                "time_step_s": step_time,
-                "time_data_s": timer["data"] / window_steps,
-                "time_optimizer_s": timer["optimizer"] / window_steps,
-                "time_checkpoint_s": timer["checkpoint"] / window_steps,
-                "restarts": restarts,
-            }
-            result.losses[step] = record["loss"]
-            if eval_due:
-                record["val_loss"] = evaluate(pm, cfg, device)
-                record["val_ppl"] = perplexity(record["val_loss"])
-            log.log(record)
-            window_start, window_steps = time.perf_counter(), 0
-            timer = dict.fromkeys(timer, 0.0)
+            last = step == t.max_steps
+            eval_due = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last)
+            if step % cfg.log.interval == 0 or last or eval_due:
+                loss_sum, count = distributed.all_reduce_sum(loss_and_count).tolist()
+                record = {
+                    "step": step,
+                    "loss": loss_sum / count,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                }
+                if not math.isfinite(record["loss"]):
+                    finite_or_stop(non_finite, pm.module, step, result.last_checkpoint)
+                now = time.perf_counter()  # after the collectives: the window's work is done
+                step_time = (now - window_start) / window_steps
+                memory = memory_per_rank(pm.module, optimizer, device)
+                record |= {
+                    "tokens_per_s": tokens_per_step / step_time,
+                    "tokens_per_s_per_device": tokens_per_step / step_time / world.size,
+                    "mfu": flops_per_step / step_time / world.size / (peak * 1e12)
+                    if peak
+                    else None,
+                    **memory,
+                    "tokens": step * tokens_per_step,
+                    "elapsed_s": start.elapsed_s + now - start_time,
+                    # where a step's time went (averages over the window, this rank's view)
+                    "time_step_s": step_time,
+                    "time_data_s": timer["data"] / window_steps,
+                    "time_optimizer_s": timer["optimizer"] / window_steps,
+                    "time_checkpoint_s": timer["checkpoint"] / window_steps,
+                    "restarts": start.restarts,
+                }
+                result.losses[step] = record["loss"]
+                if eval_due:
+                    record["val_loss"] = evaluate(pm, cfg, device)
+                    record["val_ppl"] = perplexity(record["val_loss"])
+                log.log(record)
+                window_start, window_steps = time.perf_counter(), 0
+                timer = dict.fromkeys(timer, 0.0)
 
-        stop = signals(step) or (stop_requested is not None and stop_requested(step))
-        if world.size > 1:
-            stop = distributed.broadcast_flag(stop, device)  # every rank stops at the same step
-        if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-            saving = time.perf_counter()
-            save()  # the training stall; with async_save only the copy to CPU memory
-            timer["checkpoint"] += time.perf_counter() - saving
-        if stop:
-            received = signals.received or getattr(stop_requested, "received", None)
-            why = f"signal {received.name}" if received else "stop requested"
-            result.stopped_early = why
-            log.print(f"stopping at step {step} ({why}); run again to resume from here")
-            break
-    finish_pending_save()
-    signals.restore()
+            stop = signals(step) or (stop_requested is not None and stop_requested(step))
+            if world.size > 1:
+                stop = distributed.broadcast_flag(stop, device)  # every rank stops together
+            if last or stop or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                saving = time.perf_counter()
+                save()  # the training stall; with async_save only the copy to CPU memory
+                timer["checkpoint"] += time.perf_counter() - saving
+            if stop:
+                received = signals.received or getattr(stop_requested, "received", None)
+                why = f"signal {received.name}" if received else "stop requested"
+                result.stopped_early = why
+                log.print(f"stopping at step {step} ({why}); run again to resume from here")
+                break
+        finish_pending_save()
+    finally:
+        signals.restore()
+        loader.close()
+        log.close()
     result.step = step
-    loader.close()
-    log.close()
     return result
 
 

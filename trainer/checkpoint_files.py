@@ -1,0 +1,297 @@
+"""The files of a checkpoint: read without executing anything, checksummed while written.
+
+Two promises a checkpoint loader must keep for files it did not write itself:
+
+- **Nothing in it executes.** DCP keeps its index (`.metadata`: which tensor lives where) as a
+  pickle, and `FileSystemReader.read_metadata()` reads it with a plain `pickle.load`: a crafted
+  file runs any code it likes before a single tensor is read. `SafeFileSystemReader` reads it
+  through :class:`MetadataUnpickler`, which admits only the few classes DCP metadata is made of
+  (its dataclasses, `torch.Size`, dtypes, paths) and refuses everything else.
+- **What is loaded is what was saved.** Every file's sha256 is computed by the writing rank
+  *while* DCP writes it (`HashingFileSystemWriter` wraps each output stream), so saving reads
+  nothing back; `complete.json` records size and sha256 of every file, and a checkpoint is
+  checked against it before it is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from trainer import distributed
+
+METADATA = ".metadata"
+COMPLETE_MARK = "complete.json"
+TRAINER_STATE = "trainer_state.json"
+FORMAT_VERSION = 1  # of trainer_state.json; a checkpoint of another format is refused
+HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or unsafe."""
+
+
+# (module, name) of every global that DCP metadata (torch 2.6 - 2.13) pickles.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch.strided etc.
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global is refused, not imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which DCP metadata never does")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """DCP's index of the checkpoint folder `path`, read without executing anything."""
+    file = Path(path) / METADATA
+    try:
+        with open(file, "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+    except OSError:
+        raise
+    except Exception as err:  # whatever a crafted or damaged pickle makes the unpickler raise
+        raise CheckpointError(f"{file}: not valid DCP metadata ({err})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{file}: not valid DCP metadata (a {type(metadata).__name__})")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read by :class:`MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# --- checksums computed while writing ----------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashingStream(io.RawIOBase):
+    """A write-only file that hashes what passes through it (sequential writes only: a seek
+    makes the digest unknown, and the file is then hashed from disk afterwards)."""
+
+    def __init__(self, raw: io.BufferedWriter):
+        super().__init__()
+        self.raw = raw
+        self.digest: Any = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        written = self.raw.write(b)
+        if self.digest is not None:
+            view = memoryview(b).cast("B")
+            self.digest.update(view[:written] if written is not None else view)
+        return written
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.digest = None
+        return self.raw.seek(offset, whence)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes
+            self.raw.close()
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, recording the sha256 of every file it writes, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[str, str | None] = {}
+        self._lock = threading.Lock()  # DCP may write several files from threads
+
+    @contextmanager
+    def create_stream(self, path: str | Path, mode: str) -> Iterator[io.IOBase]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with Path(path).open(mode) as raw:
+            stream = _HashingStream(raw)
+            try:
+                yield stream
+            finally:
+                with self._lock:
+                    self.digests[Path(path).name] = (
+                        stream.digest.hexdigest() if stream.digest is not None else None
+                    )
+
+    def rename(self, path: str | Path, new_path: str | Path) -> None:
+        super().rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
+        with self._lock:
+            self.digests[Path(new_path).name] = self.digests.pop(Path(path).name, None)
+
+
+class HashingFileSystemWriter(FileSystemWriter):
+    """`FileSystemWriter` whose `digests` hold the sha256 of every file this rank wrote."""
+
+    def __init__(self, path: str | Path, **kwargs: Any):
+        super().__init__(path, **kwargs)
+        self.fs = _HashingFileSystem()
+
+    @property
+    def digests(self) -> dict[str, str | None]:
+        return dict(self.fs.digests)
+
+
+# --- verification ----------------------------------------------------------------------
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_MARK
+    }
+
+
+def read_mark(path: Path) -> dict[str, dict[str, Any]]:
+    """`complete.json` as {file: {"size": bytes, "sha256": hex or None}}; checks every size."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    mark = path / COMPLETE_MARK
+    if not mark.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_MARK})")
+    try:
+        listed = json.loads(mark.read_text())["files"]
+        # older checkpoints recorded sizes only
+        files = {n: e if isinstance(e, dict) else {"size": e} for n, e in listed.items()}
+        sizes = {name: int(entry["size"]) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{mark}: unreadable completion mark ({err!r})") from None
+    actual = list_files(path)
+    for name, size in sizes.items():
+        if name not in actual:
+            raise CheckpointError(f"{path}: file {name} is missing")
+        if actual[name] != size:
+            raise CheckpointError(
+                f"{path}: file {name} has {actual[name]} bytes, expected {size} (truncated?)"
+            )
+    return files
+
+
+def verify(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless `path` is complete and untruncated (sizes only;
+    :func:`check` also compares the content)."""
+    read_mark(Path(path))
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        verify(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _problem(path: Path, share: tuple[int, int]) -> str | None:
+    """Why `path` cannot be loaded, checking the sha256 of this rank's `share` of its files
+    (rank, world): None when it can."""
+    rank, world = share
+    try:
+        files = read_mark(path)
+        for name in sorted(files)[rank::world]:
+            expected = files[name].get("sha256")
+            if expected is not None and sha256_file(path / name) != expected:
+                return f"{path}: file {name} does not match its sha256 (corrupt)"
+        read_trainer_state(path)
+        read_metadata(path)
+    except (CheckpointError, OSError) as err:
+        return str(err)
+    return None
+
+
+_CHECKED: set[tuple[Path, float]] = set()  # (folder, mtime of its mark): hashed once per process
+
+
+def check(path: str | Path) -> str | None:
+    """Why checkpoint `path` cannot be loaded, or None (collective: every rank calls it and
+    hashes its share of the files; all ranks get the same answer)."""
+    path = Path(path).absolute()
+    mark = path / COMPLETE_MARK
+    key = (path, mark.stat().st_mtime if mark.is_file() else 0.0)
+    if key in _CHECKED:
+        return None
+    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems = [p for p in distributed.all_gather_objects(_problem(path, share)) if p]
+    if problems:
+        return problems[0]
+    _CHECKED.add(key)
+    return None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file}: not a trainer state (no step)")
+    version = state.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {version}, but this trainer reads version "
+            f"{FORMAT_VERSION}: use the version of the code that wrote it"
+        )
+    return state
