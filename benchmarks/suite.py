@@ -1,14 +1,20 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint] [size=full|smoke] [write=true|false]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint] [size=smoke|full] [write=false|true]`
 
-One entry point for every benchmark; each appends its table to benchmarks/results.md (with
-the machine, versions, date and command) unless `write=false`. `size=smoke` runs everything
-at toy sizes in about a minute (CI runs it; its timings mean nothing and are not written).
+One entry point for every benchmark; each prints its table.
+
+- `size=smoke` (the default): toy sizes and 1-3 steps, a minute or two on 2 cores. It checks
+  that every benchmark runs; its figures are not measurements (each table says so).
+- `size=full`: the measurements (`gpt2_small` in fp32 and bf16, more steps: long on a CPU).
+- `write=true` (with `size=full` only): also append the tables to benchmarks/results.md, with
+  the machine, versions, date and command. Without it nothing is written.
+
 The same command runs unchanged on a GPU node, where `size=full` gives the real figures.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from benchmarks import checkpointing, layouts, prep_throughput, train_throughput
 
@@ -55,33 +61,52 @@ SUITES = {
 }
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    options = {"suite": "all", "size": "full", "write": "true"}
+USAGE = "usage: " + __doc__.splitlines()[0].strip("`")
+SMOKE_CAVEAT = (
+    "(size=smoke: toy sizes and 1-3 steps, to check that the benchmark runs; the figures "
+    "above are not measurements: dlt-bench size=full measures)"
+)
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    """`key=value` arguments over the defaults (a one-line error, exit 2, for a bad one)."""
+    options = {"suite": "all", "size": "smoke", "write": "false"}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in options:
-            print(
-                f"dlt-bench: error: unknown argument {arg!r}; {__doc__.splitlines()[0]}",
-                file=sys.stderr,
-            )
-            raise SystemExit(2)
+            fail(f"unknown argument {arg!r}")
         options[key] = value
-    if options["size"] not in SIZES or options["suite"] not in ("all", *SUITES):
-        print(
-            f"dlt-bench: error: suite={options['suite']} size={options['size']}: expected "
-            f"suite in all|{'|'.join(SUITES)} and size in {'|'.join(SIZES)}",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    if options["suite"] not in ("all", *SUITES):
+        fail(f"suite={options['suite']}: expected one of all|{'|'.join(SUITES)}")
+    if options["size"] not in SIZES:
+        fail(f"size={options['size']}: expected one of {'|'.join(SIZES)}")
+    if options["write"] not in ("true", "false"):
+        fail(f"write={options['write']}: expected true or false")
+    if options["write"] == "true" and options["size"] != "full":
+        fail(f"write=true needs size=full (size={options['size']} figures are not measurements)")
+    return options
+
+
+def fail(message: str) -> NoReturn:
+    print(f"dlt-bench: error: {message}; {USAGE}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + "\n" + __doc__.split("\n", 1)[1].rstrip())
+        return
+    options = parse(argv)
     chosen = list(SUITES) if options["suite"] == "all" else [options["suite"]]
-    write = options["write"] == "true" and options["size"] == "full"
+    write = options["write"] == "true"
     for i, name in enumerate(chosen, 1):
-        print(f"=== [{i}/{len(chosen)}] {name} ===", flush=True)
+        print(f"=== [{i}/{len(chosen)}] {name} (size={options['size']}) ===", flush=True)
         extra = [] if write else ["--no-write"]
-        args = SIZES[options["size"]][name]
         # options before the free-form trailing overrides some scripts accept
-        SUITES[name]([*extra, *args])
+        SUITES[name]([*extra, *SIZES[options["size"]][name]])
+        if options["size"] == "smoke":
+            print(SMOKE_CAVEAT, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The benchmark entry point runs end to end at smoke size (timings are not asserted)."""
+"""The benchmark entry point: quick by default, writes results.md only when asked."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import suite
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.md"
 
 
 @pytest.mark.slow
-def test_dlt_bench_smoke_runs_every_suite_without_writing_results(tmp_path):
+def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp_path):
     before = RESULTS.read_bytes() if RESULTS.exists() else None
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.suite", "size=smoke"],
+        [sys.executable, "-m", "benchmarks.suite"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -23,10 +25,10 @@ def test_dlt_bench_smoke_runs_every_suite_without_writing_results(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for header in (
-        "=== [1/4] train",
-        "=== [2/4] layouts",
-        "=== [3/4] prep",
-        "=== [4/4] checkpoint",
+        "=== [1/4] train (size=smoke)",
+        "=== [2/4] layouts (size=smoke)",
+        "=== [3/4] prep (size=smoke)",
+        "=== [4/4] checkpoint (size=smoke)",
     ):
         assert header in done.stdout
     for row in (
@@ -37,14 +39,56 @@ def test_dlt_bench_smoke_runs_every_suite_without_writing_results(tmp_path):
         "training stall per checkpoint, async",
     ):
         assert row in done.stdout
+    assert done.stdout.count(suite.SMOKE_CAVEAT) == 4  # after every table
     after = RESULTS.read_bytes() if RESULTS.exists() else None
     assert before == after  # smoke timings never land in results.md
 
 
-def test_dlt_bench_rejects_unknown_arguments(capsys):
-    from benchmarks.suite import main
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list[str]]:
+    """Every suite replaced by one that records the arguments it was given."""
+    seen: dict[str, list[str]] = {}
+    fakes = {name: (lambda args, name=name: seen.__setitem__(name, args)) for name in suite.SUITES}
+    monkeypatch.setattr(suite, "SUITES", fakes)
+    return seen
 
+
+def test_the_default_is_smoke_size_and_no_writing(calls, capsys):
+    suite.main([])
+    assert list(calls) == ["train", "layouts", "prep", "checkpoint"]
+    for name, args in calls.items():
+        assert args == ["--no-write", *suite.SIZES["smoke"][name]]
+    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 4
+
+
+def test_full_size_writes_only_when_asked(calls, capsys):
+    suite.main(["suite=layouts", "size=full"])
+    assert calls == {"layouts": ["--no-write", *suite.SIZES["full"]["layouts"]]}
+    suite.main(["suite=layouts", "size=full", "write=true"])
+    assert calls == {"layouts": suite.SIZES["full"]["layouts"]}
+    assert suite.SMOKE_CAVEAT not in capsys.readouterr().out
+
+
+def test_dlt_bench_help(capsys):
+    suite.main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dlt-bench [suite=") and "size=full" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["suite=everything"], "suite=everything"),
+        (["size=huge"], "size=huge"),
+        (["write=yes"], "write=yes"),
+        (["write=true"], "write=true needs size=full"),
+        (["size=smoke", "write=true"], "write=true needs size=full"),
+        (["--all"], "'--all'"),
+    ],
+)
+def test_dlt_bench_rejects_bad_arguments_in_one_line(args, message, calls, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["suite=everything"])
-    assert exit_info.value.code == 2
-    assert "suite=everything" in capsys.readouterr().err
+        suite.main(args)
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dlt-bench: error: ") and message in err
