@@ -1,4 +1,5 @@
-"""The README's commands are the ones that work: the demo runs, CI runs the test command."""
+"""The README's commands are the ones that work: the demo runs, CI runs the test command; the
+README and docs/*.md render as written (every code block closed, nothing stray inside one)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from markdown_it import MarkdownIt
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE_LINE = re.compile(r"^\s*(```|~~~)")
+SHELL = {"bash", "sh", "shell", "console"}
 
 
 def readme_command(marker: str) -> str:
@@ -54,3 +59,65 @@ def test_readme_demo_command_prepares_trains_and_generates(tmp_path):
     assert generated.startswith("Once upon a time,")
     words = re.findall(r"[A-Za-z]+", generated[len("Once upon a time,") :])
     assert len(words) >= 10  # a trained BPE decodes to words, not byte noise
+
+
+def fence_problems(text: str, name: str = "doc.md") -> list[str]:
+    """`name:line: what` for each code block that is not closed, holds a fence line (a fence
+    that was meant to close it), or, in a shell block, holds Markdown prose (a `code span`
+    outside a comment)."""
+    lines = text.splitlines()
+    problems = []
+    for block in MarkdownIt("commonmark").parse(text):
+        if block.type != "fence":
+            continue
+        start, end = block.map
+        closing = lines[end - 1].strip() if end - 1 > start else ""
+        if not (closing.startswith(block.markup) and not closing.strip(block.markup[0])):
+            problems.append(f"{name}:{start + 1}: code block never closed")
+        for number, line in enumerate(block.content.splitlines(), start=start + 2):
+            if FENCE_LINE.match(line):
+                problems.append(f"{name}:{number}: a fence line inside a code block")
+            elif block.info.strip() in SHELL and "`" in line.split("#", 1)[0]:
+                problems.append(f"{name}:{number}: Markdown prose inside a shell block")
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_code_blocks_are_closed_and_hold_no_stray_fence_or_prose(doc):
+    assert fence_problems(doc.read_text(), doc.name) == []
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("```bash\ndlt-bench\n``` `trainer` is a library.\n```\n", "doc.md:3: a fence line"),
+        ("```bash\ndlt-bench\n", "doc.md:1: code block never closed"),
+        ("```bash\ndlt-bench\nThe `trainer` library.\n```\n", "doc.md:3: Markdown prose"),
+    ],
+)
+def test_fence_check_finds_each_kind_of_break(text, problem):
+    assert any(p.startswith(problem) for p in fence_problems(text)), fence_problems(text)
+
+
+TRAINING = re.compile(r"(^|&& )(dlt-train|torchrun .*-m jobs\.train|python -m jobs\.train)\b")
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of the shell blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in MarkdownIt("commonmark").parse(text):
+        if block.type == "fence" and block.info.strip() in SHELL:
+            for line in block.content.replace("\\\n", " ").splitlines():
+                commands.append(" ".join(line.split(" #", 1)[0].split()))
+    return commands
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_training_command_names_its_run_dir(doc):
+    """Without its own run.dir a command resumes the run of another one (runs/<model>)."""
+    missing = [
+        c
+        for c in shell_commands(doc.read_text())
+        if TRAINING.search(c) and "run.dir=" not in c and "dry_run=true" not in c
+    ]
+    assert missing == []
