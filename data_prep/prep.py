@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 import zlib
 from array import array
+from collections.abc import Iterator
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -37,6 +39,7 @@ from data_prep.shards import (
     token_dtype,
     write_json_atomic,
     write_shard,
+    writing,
 )
 from data_prep.sources import (
     Chunk,
@@ -50,6 +53,8 @@ from data_prep.sources import (
 from data_prep.tokenizers import BPE_FILE, NAMES, Tokenizer, get_tokenizer, save_bpe, train_bpe
 
 PLAN = "plan.json"
+# What prep writes (and deletes) in data.out, with `.tmp` names next to them while writing.
+OUTPUTS = (MANIFEST, PLAN, BPE_FILE, "chunks", *SPLITS)
 # Settings that change what the shards contain: a re-run with other values must not mix in.
 SHARD_SETTINGS = (
     "tokenizer",
@@ -94,52 +99,125 @@ def plan(cfg: DataConfig) -> list[Chunk]:
     """The chunks of the corpus: from plan.json when inputs and settings are unchanged."""
     check_prep_config(cfg)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"data.out={out}: is a file; expected a folder for the dataset")
     inputs = all_inputs(cfg)
+    check_inputs_outside_outputs(inputs, out)
     signature = {"settings": settings_of(cfg), "inputs": input_signature([s for s, _ in inputs])}
     plan_path = out / PLAN
     if plan_path.is_file():
         saved = read_plan(out)
-        if {k: saved[k] for k in signature} == signature:
+        if {k: saved.get(k) for k in signature} == signature:
             return [Chunk(**c) for c in saved["chunks"]]
         if (out / "chunks").is_dir() and any((out / "chunks").iterdir()):
             raise DataError(
                 f"data.out={out} holds a dataset prepared from other inputs or settings: "
                 "use another data.out, or delete it"
             )
+    else:
+        check_no_unplanned_outputs(out)
     chunks = plan_chunks(inputs, cfg)
     if not chunks:
         names = ", ".join(s for s, _ in inputs)
         raise DataError(f"data.input: the inputs are empty (no documents): {names}")
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     # A tokenizer trained for an earlier, abandoned plan must not be reused for this one.
-    (out / BPE_FILE).unlink(missing_ok=True)
-    write_json_atomic(
-        plan_path,
-        {**signature, "format_version": FORMAT_VERSION, "chunks": [c.to_dict() for c in chunks]},
-    )
+    with writing(out / BPE_FILE):
+        (out / BPE_FILE).unlink(missing_ok=True)
+    with writing(plan_path):
+        write_json_atomic(
+            plan_path,
+            {
+                **signature,
+                "format_version": FORMAT_VERSION,
+                "chunks": [c.to_dict() for c in chunks],
+            },
+        )
     return chunks
 
 
+def check_inputs_outside_outputs(inputs: list[tuple[str, str]], out: Path) -> None:
+    """Refuse an input that lies where prep writes or deletes files in data.out (a shard, a
+    chunk record, the manifest, ...): prep would overwrite the file it reads."""
+    targets = [(out / name).resolve() for name in OUTPUTS]
+    for source, split in inputs:
+        path = Path(source.removeprefix("hf-disk:").removeprefix("hf:"))
+        if not path.exists():
+            continue  # a dataset name on the hub
+        path = path.resolve()
+        if path.is_dir() and out.resolve().is_relative_to(path):
+            raise DataError(
+                f"data.out={out} lies inside the input folder {source}, which dlt-prep would "
+                "then read its own files from: use a data.out outside it"
+            )
+        for target in targets:
+            if path.is_relative_to(target) or path == target.with_name(target.name + ".tmp"):
+                key = "data.input" if split == "train" else "data.val_input"
+                raise DataError(
+                    f"{key}: {source} lies inside data.out={out}, at {target.name}, where "
+                    "dlt-prep writes: move the input out of it, or use another data.out"
+                )
+
+
+def check_no_unplanned_outputs(out: Path) -> None:
+    """Without plan.json, data.out must hold nothing prep writes: such files belong to another
+    corpus or a broken dataset, which a new plan would reuse (shards) or delete (tokenizer)."""
+    found = [name for name in OUTPUTS if name != PLAN and (out / name).exists()]
+    if found:
+        raise DataError(
+            f"data.out={out} holds {', '.join(found)} but no {PLAN}, so they cannot be checked "
+            "against these inputs: remove the folder or use another data.out"
+        )
+
+
 def read_plan(out: Path) -> dict[str, Any]:
-    return json.loads((out / PLAN).read_text())
+    path = out / PLAN
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise DataError(
+            f"{path}: unreadable ({err}): remove the folder or use another data.out"
+        ) from None
 
 
 def prepare_tokenizer(cfg: DataConfig, chunks: list[Chunk]) -> Tokenizer:
     """The tokenizer; for `bpe`, trained here first (once) on up to bpe_train_mb of text."""
     out = Path(cfg.out)
     if cfg.tokenizer == "bpe" and not (out / BPE_FILE).is_file():
-        budget = int(cfg.bpe_train_mb * 2**20)
-
-        def training_text():
-            used = 0
-            for doc in iter_documents([c for c in chunks if c.split == "train"], cfg):
-                if used >= budget:
-                    return
-                used += len(doc)
-                yield doc
-
-        save_bpe(train_bpe(training_text(), cfg.bpe_vocab_size), out / BPE_FILE)
+        print(
+            f"dlt-prep: training a BPE tokenizer (data.bpe_vocab_size={cfg.bpe_vocab_size}) on "
+            f"up to {cfg.bpe_train_mb:g} MB of the training documents",
+            flush=True,
+        )
+        start = time.perf_counter()
+        tty = sys.stderr.isatty()  # a terminal shows the trainer's own progress bars
+        texts = bpe_training_text(cfg, chunks, report=not tty)
+        ranks = train_bpe(texts, cfg.bpe_vocab_size, show_progress=tty)
+        with writing(out / BPE_FILE):
+            save_bpe(ranks, out / BPE_FILE)
+        print(
+            f"dlt-prep: trained the BPE tokenizer in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
     return get_tokenizer(cfg.tokenizer, out)
+
+
+def bpe_training_text(cfg: DataConfig, chunks: list[Chunk], report: bool) -> Iterator[str]:
+    """Training documents up to data.bpe_train_mb; `report`: a plain progress line every 10%
+    of that (for log files) and one when all is read."""
+    budget = int(cfg.bpe_train_mb * 2**20)
+    used, reported = 0, 0
+    for doc in iter_documents([c for c in chunks if c.split == "train"], cfg):
+        if used >= budget:
+            break
+        used += len(doc)
+        yield doc
+        if report and used - reported >= budget / 10:
+            reported = used
+            print(f"dlt-prep: BPE: read {used / 2**20:.1f} MB of text", flush=True)
+    if report:
+        print(f"dlt-prep: BPE: read {used / 2**20:.1f} MB in all; learning the merges", flush=True)
 
 
 def chunk_record_path(out: Path, index: int) -> Path:
@@ -189,21 +267,29 @@ def process_chunk(
         val = chunk.split == "val" or is_validation(doc, cfg.val_fraction)
         by_split["val" if val else "train"].append(doc)
     dtype = token_dtype(tokenizer.vocab_size)
-    shards = {}
-    for split, split_docs in by_split.items():
-        if not split_docs:
-            continue
-        file = f"{split}/{index:05d}.npy"
-        entry = write_shard(out / file, tokenize(split_docs, tokenizer, dtype))
-        shards[split] = {"file": file, "num_documents": len(split_docs), **entry}
-    record = {
-        "chunk": index,
-        "input_bytes": chunk.end - chunk.start if chunk.format != "hf" else None,
-        "shards": shards,
-        "skipped_documents": docs.skipped,
-    }
-    chunk_record_path(out, index).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(chunk_record_path(out, index), record)
+    shards: dict[str, dict[str, Any]] = {}
+    try:
+        for split, split_docs in by_split.items():
+            if not split_docs:
+                continue
+            file = f"{split}/{index:05d}.npy"
+            entry = write_shard(out / file, tokenize(split_docs, tokenizer, dtype))
+            shards[split] = {"file": file, "num_documents": len(split_docs), **entry}
+        record = {
+            "chunk": index,
+            "input_bytes": chunk.end - chunk.start if chunk.format != "hf" else None,
+            "shards": shards,
+            "skipped_documents": docs.skipped,
+        }
+        path = chunk_record_path(out, index)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, record)
+    except DatasetError:  # e.g. the disk is full: this chunk is discarded, others are kept
+        for entry in shards.values():
+            with contextlib.suppress(OSError):
+                (out / entry["file"]).unlink()
+        raise
     return {**record, "skipped": False}
 
 
@@ -212,6 +298,7 @@ def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict
     out = Path(cfg.out)
     splits = {s: {"num_tokens": 0, "num_documents": 0, "shards": []} for s in SPLITS}
     skipped: dict[str, int] = {}
+    held_out = 0  # documents of data.input that data.val_fraction sent to validation
     for index in range(len(chunks)):
         if not chunk_is_done(out, index):
             raise DatasetError(f"{out}: chunk {index} is missing or corrupt; run dlt-prep again")
@@ -222,9 +309,10 @@ def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict
             splits[split]["num_documents"] += entry["num_documents"]
         for reason, count in record["skipped_documents"].items():
             skipped[reason] = skipped.get(reason, 0) + count
+        if chunks[index].split == "train" and "val" in record["shards"]:
+            held_out += record["shards"]["val"]["num_documents"]
     if splits["train"]["num_tokens"] == 0:
-        names = ", ".join(sorted({c.source for c in chunks}))
-        raise DataError(f"data.input: no documents found in the inputs (empty corpus): {names}")
+        raise DataError(no_training_documents(cfg, chunks, held_out, splits["val"], skipped))
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
@@ -241,8 +329,34 @@ def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict
         "num_chunks": len(chunks),
         "settings": settings_of(cfg),
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    with writing(out / MANIFEST):
+        write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def no_training_documents(
+    cfg: DataConfig, chunks: list[Chunk], held_out: int, val: dict, skipped: dict[str, int]
+) -> str:
+    """Why the training split is empty, in one line."""
+    if held_out:
+        return (
+            f"data.val_fraction={cfg.val_fraction}: all {held_out} documents of data.input "
+            "went to the validation split, none is left for training: lower "
+            "data.val_fraction or add documents, and use another data.out (or delete this one)"
+        )
+    if val["num_documents"]:
+        return (
+            "data.input: no training documents in the inputs, only the "
+            f"{val['num_documents']} validation documents of data.val_input"
+        )
+    names = ", ".join(sorted({c.source for c in chunks}))
+    reason = ""
+    if skipped.get("missing_field"):
+        reason = (
+            f"; {skipped['missing_field']} lines have no string field {cfg.text_field!r} "
+            "(data.text_field)"
+        )
+    return f"data.input: no documents found in the inputs (empty corpus){reason}: {names}"
 
 
 # --- running it all on this machine ---------------------------------------------------------
@@ -318,7 +432,8 @@ def run_local(cfg: DataConfig, workers: int = 0) -> dict[str, Any]:
     tokenizer = prepare_tokenizer(cfg, chunks)
     todo = [i for i in range(len(chunks)) if not chunk_is_done(out, i)]
     if todo and (out / MANIFEST).exists():
-        (out / MANIFEST).unlink()  # being repaired: must not look complete meanwhile
+        with writing(out / MANIFEST):
+            (out / MANIFEST).unlink()  # being repaired: must not look complete meanwhile
     workers = workers or default_workers()
     print(
         f"dlt-prep: {len(chunks)} chunks, {len(chunks) - len(todo)} already done, "

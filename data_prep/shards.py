@@ -14,9 +14,11 @@ either a complete file or none. See docs/data.md for the fields.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +46,56 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary name to write `path` under, renamed into place when the block ends.
+
+    If the block fails the temporary file is removed: `path` keeps its old content (or stays
+    absent), never a half-written one.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError inside the block (disk full, read-only folder, ...) becomes a one-line
+    DatasetError naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise DatasetError(
+            f"{path}: cannot write it ({reason}); files already complete are kept: "
+            "free space or make the folder writable, then run dlt-prep again"
+        ) from None
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
-    """Write a 1-D token array as `.npy` atomically; returns its manifest entry."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, tokens, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a 1-D token array as `.npy` atomically; returns its manifest entry.
+
+    A failed write (e.g. a full disk) leaves no file at `path` and is a DatasetError naming it.
+    """
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, tokens, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
     return {
         "num_tokens": int(tokens.size),
         "sha256": sha256_file(path),

@@ -8,16 +8,17 @@ on its own; a dataset chunk is a range of rows. Chunk boundaries depend only on 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
-from pathlib import Path
 from typing import BinaryIO
 
 from data_prep.config import DataConfig
@@ -25,6 +26,7 @@ from data_prep.config import DataConfig
 ENDOFTEXT = "<|endoftext|>"
 SEPARATORS = {"eot": ENDOFTEXT.encode(), "line": b"\n", "blank_line": b"\n\n"}
 BLOCK = 1 << 22  # bytes read at a time while scanning for chunk boundaries
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DataError(ValueError):
@@ -60,11 +62,7 @@ def resolve_inputs(patterns: list[str], key: str) -> list[str]:
         if pattern.startswith(("hf:", "hf-disk:")):
             found.append(pattern)
         elif pattern.startswith("pkg://"):
-            package, _, name = pattern.removeprefix("pkg://").partition("/")
-            path = resources.files(package) / name
-            if not path.is_file():
-                raise DataError(f"{key}: {pattern} is not a file shipped with package {package}")
-            found.append(str(path))
+            found.append(package_file(pattern, key))
         else:
             matches = [
                 m for m in sorted(glob.glob(os.path.expanduser(pattern))) if os.path.isfile(m)
@@ -73,6 +71,21 @@ def resolve_inputs(patterns: list[str], key: str) -> list[str]:
                 raise DataError(f"{key}: no file matches {pattern!r}")
             found.extend(matches)
     return found
+
+
+def package_file(pattern: str, key: str) -> str:
+    """The path of pkg://package/file: a file shipped inside an installed Python package."""
+    package, _, name = pattern.removeprefix("pkg://").partition("/")
+    try:
+        path = resources.files(package) / name
+    except (ImportError, TypeError, ValueError):
+        raise DataError(
+            f"{key}: {pattern}: no installed Python package {package!r} "
+            "(expected pkg://PACKAGE/FILE, e.g. pkg://data_prep.corpora/kjv.txt.gz)"
+        ) from None
+    if not path.is_file():
+        raise DataError(f"{key}: {pattern} is not a file shipped with package {package}")
+    return str(path)
 
 
 def input_format(source: str, configured: str) -> str:
@@ -87,8 +100,33 @@ def input_format(source: str, configured: str) -> str:
 
 
 def open_binary(path: str) -> BinaryIO:
-    """The file's uncompressed bytes (.gz is decompressed on the fly; seeking forward works)."""
+    """The file's uncompressed bytes (.gz is decompressed on the fly; seeking forward works).
+    Read it inside `reading(path)` for one-line errors."""
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Errors while reading input `path` (bad or truncated gzip data, unreadable file) become
+    one-line DataErrors naming it."""
+    try:
+        yield
+    except EOFError:
+        raise DataError(
+            f"{path}: truncated gzip stream (the file ends inside the compressed data; "
+            "download or compress it again)"
+        ) from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise DataError(f"{path}: {_gzip_problem(path, err)}") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def _gzip_problem(path: str, err: Exception) -> str:
+    with open(path, "rb") as f:
+        if f.read(2) != GZIP_MAGIC:
+            return "not a gzip file (a .gz input must be gzip-compressed; rename a plain file)"
+    return f"corrupt gzip stream ({err})"
 
 
 def chunk_starts(f: BinaryIO, separator: bytes, chunk_bytes: int) -> tuple[list[int], int]:
@@ -118,7 +156,7 @@ def chunk_starts(f: BinaryIO, separator: bytes, chunk_bytes: int) -> tuple[list[
 
 def plan_file(path: str, fmt: str, split: str, cfg: DataConfig) -> list[Chunk]:
     separator = b"\n" if fmt == "jsonl" else SEPARATORS[cfg.doc_separator]
-    with open_binary(path) as f:
+    with reading(path), open_binary(path) as f:
         starts, total = chunk_starts(f, separator, max(1, int(cfg.chunk_mb * 2**20)))
     ends = [*starts[1:], total]
     return [Chunk(path, fmt, split, s, e) for s, e in zip(starts, ends, strict=True) if e > s]
@@ -206,8 +244,12 @@ def _jsonl_documents(data: bytes, chunk: Chunk, field: str) -> Documents:
             continue
         try:
             obj = json.loads(raw)
-        except ValueError:
-            raise DataError(f"{chunk.source}: invalid JSON in the line at byte {line_at}") from None
+        except json.JSONDecodeError as err:
+            line = line_number(chunk.source, line_at)
+            raise DataError(
+                f"{chunk.source}:{line}: invalid JSON in the line at byte {line_at} "
+                f"({err.msg}, column {err.colno}); expected one JSON object per line"
+            ) from None
         value = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             skipped["missing_field"] += 1  # counted in the manifest, documented
@@ -217,6 +259,16 @@ def _jsonl_documents(data: bytes, chunk: Chunk, field: str) -> Documents:
     return Documents(texts, skipped)
 
 
+def line_number(path: str, offset: int) -> int:
+    """The 1-based number of the line that starts at byte `offset` (for error messages)."""
+    newlines = 0
+    with reading(path), open_binary(path) as f:
+        while offset > 0 and (block := f.read(min(BLOCK, offset))):
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + 1
+
+
 def read_chunk(chunk: Chunk, cfg: DataConfig) -> Documents:
     """The documents of `chunk`."""
     if chunk.format == "hf":
@@ -224,7 +276,7 @@ def read_chunk(chunk: Chunk, cfg: DataConfig) -> Documents:
         rows = ds.select(range(chunk.start, chunk.end))[cfg.text_field]
         texts = [t for t in rows if isinstance(t, str) and t.strip()]
         return Documents(texts, {"missing_field": sum(not isinstance(t, str) for t in rows)})
-    with open_binary(chunk.source) as f:
+    with reading(chunk.source), open_binary(chunk.source) as f:
         f.seek(chunk.start)
         data = f.read(chunk.end - chunk.start)
     if len(data) != chunk.end - chunk.start:
@@ -248,9 +300,9 @@ def input_signature(sources: list[str]) -> list[dict]:
         if source.startswith(("hf:", "hf-disk:")):
             signature.append({"path": source})
             continue
-        size = Path(source).stat().st_size
         digest = hashlib.sha256()
-        with open(source, "rb") as f:
+        with reading(source), open(source, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             digest.update(f.read(1 << 20))
             f.seek(max(0, size - (1 << 20)))
             digest.update(f.read(1 << 20))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -19,11 +18,18 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from data_prep.shards import atomic_output
+
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k_base / gpt2).
 GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 )
+# The BPE trainer sees pre-tokens of at most this many bytes: a longer "word" (a line without
+# whitespace, base64, ...) is cut into pieces first. Training time grows with the square of a
+# word's length (1 MB without whitespace ran for many minutes); merges longer than this are rare and
+# never needed: tiktoken encodes any text with the merges that were learned.
+MAX_PIECE_BYTES = 128
 # sha256 of GPT-2's original vocabulary files (the values tiktoken checks downloads against).
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -115,23 +121,39 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> dict[bytes, int]:
+def bpe_pre_tokenizer():
+    """The pre-tokenizer BPE training uses: GPT-2's byte-level split, then every pre-token cut
+    into pieces of at most MAX_PIECE_BYTES bytes (one byte-level character = one byte)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Split(Regex(f".{{1,{MAX_PIECE_BYTES}}}"), behavior="isolated"),
+        ]
+    )
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, show_progress: bool = False
+) -> dict[bytes, int]:
     """Train a byte-level BPE (Hugging Face `tokenizers`) and return tiktoken merge ranks.
 
     The vocabulary holds at most `vocab_size - 1` tokens (fewer when the corpus has too few
     distinct pairs to merge); <|endoftext|> takes the id after the last.
     The trainer assigns ids to the 256 bytes first and then to merges in the order they were
     learned, which is exactly tiktoken's notion of rank (lower = merged first).
+    `show_progress`: the trainer's own progress bars (they draw on a terminal only).
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = bpe_pre_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     hf.train_from_iterator(texts, trainer)
     to_byte = {c: b for b, c in _bytes_to_unicode().items()}
@@ -145,10 +167,8 @@ def save_bpe(ranks: dict[bytes, int], path: str | Path) -> None:
         f"{base64.b64encode(tok).decode()} {rank}\n"
         for tok, rank in sorted(ranks.items(), key=lambda item: item[1])
     ]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(Path(path)) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:

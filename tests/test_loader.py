@@ -378,6 +378,39 @@ def test_broken_dataset_is_a_clear_error(tiny, text_dataset, tmp_path, how):
         ShardTokens(ds, "train", 8, seed=0)
 
 
+def with_ids_beyond_the_vocabulary(src: Path, dst: Path, shards: slice) -> list[Path]:
+    """A copy of the dataset whose selected train shards hold id 300 (>= 257) at every 8th
+    token, file sizes unchanged (only the token values are wrong); returns those shards."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    paths = [dst / e["file"] for e in manifest["splits"]["train"]["shards"][shards]]
+    for path in paths:
+        tokens = np.load(path)
+        tokens[::8] = 300
+        np.save(path, tokens)
+    return paths
+
+
+def test_ids_beyond_the_vocabulary_name_the_shard(text_dataset, tmp_path):
+    (bad,) = with_ids_beyond_the_vocabulary(text_dataset, tmp_path / "bad", slice(1, 2))
+    source = ShardTokens(tmp_path / "bad", "train", 8, seed=0)
+    with pytest.raises(DatasetError) as err:
+        for i in range(source.num_windows):
+            source.sample(i)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: token id 300 at token ")
+    assert "max id 300" in message and "vocabulary of 257 ids" in message
+    assert "\n" not in message
+
+
+def test_training_on_ids_beyond_the_vocabulary_is_a_clear_error(tiny, text_dataset, tmp_path):
+    """Not an index error inside the embedding: a DatasetError (one line at the CLI)."""
+    bad = with_ids_beyond_the_vocabulary(text_dataset, tmp_path / "bad", slice(None))
+    with pytest.raises(DatasetError) as err:
+        run(tiny(data=shard_data(tmp_path / "bad"), model={"vocab_size": None}))
+    assert str(err.value).split(":")[0] in {str(p) for p in bad}
+
+
 def test_checkpoint_carries_the_trained_tokenizer(tiny, tmp_path, capsys):
     rng = random.Random(10)
     words = ["Hi", "there", "hello", "world", "a", "story", "about", "cats", "naïve"]

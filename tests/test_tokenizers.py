@@ -1,13 +1,26 @@
-"""Tokenizers: GPT-2 ids against an independent reference, round trips, the bytes tokenizer."""
+"""Tokenizers: GPT-2 ids against an independent reference, round trips, the bytes tokenizer,
+BPE training on text without whitespace."""
 
 from __future__ import annotations
 
+import random
 import shutil
+import string
 from importlib import resources
 
 import pytest
 
-from data_prep.tokenizers import ENDOFTEXT, get_tokenizer
+from data_prep.tokenizers import (
+    BPE_FILE,
+    ENDOFTEXT,
+    MAX_PIECE_BYTES,
+    bpe_pre_tokenizer,
+    get_tokenizer,
+    load_bpe,
+    read_ranks,
+    save_bpe,
+    train_bpe,
+)
 
 TRICKY = [
     "Hello world",
@@ -103,3 +116,30 @@ def test_tokenizers_have_distinct_hashes():
 def test_unknown_tokenizer_name():
     with pytest.raises(ValueError, match="sentencepiece"):
         get_tokenizer("sentencepiece")
+
+
+def test_bpe_pre_tokenizer_caps_the_piece_length():
+    """Long pre-tokens are cut into pieces of at most MAX_PIECE_BYTES bytes, nothing changed,
+    lost or reordered (each byte-level character is one byte of the text)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    text = "x" * 1000 + " héllo wörld " + "日本語" * 200 + "\n\n" + "ab" * 300 + " 12345" * 3
+    pieces = [piece for piece, _ in bpe_pre_tokenizer().pre_tokenize_str(text)]
+    assert max(map(len, pieces)) == MAX_PIECE_BYTES
+    assert "Ġwör" not in pieces and "ĠwÃ¶rld" in pieces  # short words as GPT-2 splits them
+    whole = ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    assert "".join(pieces) == whole[0][0]
+
+
+def test_bpe_trains_on_a_megabyte_without_whitespace(tmp_path):
+    """1 MB of letters is a single GPT-2 pre-token: uncapped, the trainer ran for minutes (a
+    regression shows as a hung test). The merges stay within the cap and encoding with them
+    round-trips any text exactly."""
+    rng = random.Random(0)
+    text = "".join(rng.choices(string.ascii_letters, k=1 << 20))
+    save_bpe(train_bpe([text], 1024), tmp_path / BPE_FILE)
+    tok = load_bpe(tmp_path / BPE_FILE)
+    assert tok.vocab_size == 1024
+    assert max(len(token) for token in read_ranks(tmp_path / BPE_FILE)) <= MAX_PIECE_BYTES
+    for sample in [text, text[:3000] + " und Wörter, 42 " + text[-500:], "ab" * 5000]:
+        assert tok.decode(tok.encode(sample)) == sample

@@ -75,6 +75,9 @@ class ShardTokens:
         self.seq_len = seq_len
         self.seed = seed
         self.shards = open_shards(folder, split)
+        manifest = read_manifest(folder)
+        self.files = [Path(folder) / e["file"] for e in manifest["splits"][split]["shards"]]
+        self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
         sizes = np.array([s.size for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each shard
         self.num_windows = int((self.starts[-1] - 1) // seq_len)
@@ -100,9 +103,23 @@ class ShardTokens:
         while length > 0:
             offset = start - int(self.starts[shard])
             piece = self.shards[shard][offset : offset + length]
+            self.check_ids(piece, shard, offset)
             pieces.append(piece)
             start, length, shard = start + piece.size, length - piece.size, shard + 1
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def check_ids(self, piece: np.ndarray, shard: int, offset: int) -> None:
+        """Ids at or above the vocabulary size mean a corrupt shard: a clear error here rather
+        than an index error inside the embedding. One vectorised max per piece read."""
+        if piece.size == 0 or int(piece.max()) < self.vocab_size:
+            return
+        at = offset + int(np.argmax(piece >= self.vocab_size))
+        raise DatasetError(
+            f"{self.files[shard]}: token id {int(self.shards[shard][at])} at token {at} (max id "
+            f"{int(piece.max())} in this window) is out of range for the vocabulary of "
+            f"{self.vocab_size} ids (manifest tokenizer.vocab_size): the shard is corrupt or "
+            "from another tokenizer; run dlt-prep again"
+        )
 
     def sample(self, index: int) -> torch.Tensor:
         epoch, position = divmod(index, self.num_windows)
