@@ -1,0 +1,250 @@
+"""Checkpoints from elsewhere: nothing in them executes, damage is found before loading, and
+resuming never silently loses, mixes or restarts a run."""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jobs import export as export_cli
+from jobs import generate as generate_cli
+from jobs.train import main as train_main
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
+from trainer.checkpoint_files import METADATA, read_metadata, sha256_file
+from trainer.run_dir import read_jsonl
+from trainer.train import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def step_dir(cfg: dict, step: int) -> Path:
+    return Path(cfg["run"]["dir"]) / "checkpoints" / f"step_{step}"
+
+
+def reseal(folder: Path) -> None:
+    """Recompute complete.json for the files as they are now (what an attacker would do)."""
+    mark = folder / "complete.json"
+    listed = json.loads(mark.read_text())
+    for name in listed["files"]:
+        listed["files"][name] = {
+            "size": (folder / name).stat().st_size,
+            "sha256": sha256_file(folder / name),
+        }
+    mark.write_text(json.dumps(listed))
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def one_error_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+class _RunCommand:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Crafted:
+    """Unpickles by running a command, then hands back the genuine metadata."""
+
+    def __init__(self, marker: Path, genuine):
+        self.marker, self.genuine = marker, genuine
+
+    def __reduce__(self):
+        return (operator.getitem, ((_RunCommand(self.marker), self.genuine), 1))
+
+
+def plant_crafted_metadata(folder: Path, marker: Path) -> None:
+    genuine = read_metadata(folder)
+    (folder / METADATA).write_bytes(pickle.dumps(_Crafted(marker, genuine)))
+    reseal(folder)
+
+
+@pytest.fixture
+def trained(tiny):
+    cfg = tiny("trained", train={"max_steps": 4}, checkpoint={"interval": 2})
+    run(cfg)
+    return cfg
+
+
+def test_the_crafted_file_really_runs_code_under_plain_pickle(trained, tmp_path):
+    """The attack the unpickler stops: torch's own reader would execute it, then load fine."""
+    folder = step_dir(trained, 4)
+    marker = tmp_path / "pwned"
+    plant_crafted_metadata(folder, marker)
+    with open(folder / METADATA, "rb") as f:
+        assert type(pickle.load(f)).__name__ == "Metadata"
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "export", "resume_path", "resume_auto"])
+def test_crafted_metadata_never_executes(trained, tmp_path, capsys, command):
+    folder = step_dir(trained, 4)
+    shutil.rmtree(step_dir(trained, 2))  # resume=auto has nothing to fall back to
+    marker = tmp_path / "pwned"
+    plant_crafted_metadata(folder, marker)
+    run_dir = trained["run"]["dir"]
+    argv = {
+        "generate": (generate_cli.main, [f"checkpoint={folder}", "prompt=a", "device=cpu"]),
+        "export": (export_cli.main, [f"checkpoint={folder}", f"out={tmp_path / 'x'}"]),
+        "resume_path": (
+            train_main,
+            ["data=dummy", f"resume={folder}", f"run.dir={tmp_path / 'new'}", "device=cpu"],
+        ),
+        "resume_auto": (train_main, ["data=dummy", f"run.dir={run_dir}", "device=cpu"]),
+    }
+    main, args = argv[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys, "dlt-train" if main is train_main else f"dlt-{command}")
+    assert f"{folder / METADATA}: not valid DCP metadata (it refers to _operator.getitem" in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "distcp",
+        "metadata_byte",
+        "metadata_garbage",
+        "trainer_state_edit",
+        "trainer_state_json",
+        "mark",
+    ],
+)
+def test_damaged_newest_checkpoint_falls_back_with_a_reason(tiny, damage):
+    cfg = tiny("damaged", train={"max_steps": 4}, checkpoint={"interval": 2})
+    whole = run(tiny("whole", train={"max_steps": 6}))
+    run(cfg)
+    newest = step_dir(cfg, 4)
+    if damage == "distcp":
+        flip_byte(next(newest.glob("*.distcp")))
+    elif damage == "metadata_byte":
+        flip_byte(newest / METADATA, offset=40)
+    elif damage == "metadata_garbage":
+        (newest / METADATA).write_bytes(b"\xff\xfe garbage" * 10)
+        reseal(newest)  # sizes and sums match: only the parse can tell
+    elif damage == "trainer_state_edit":
+        state = json.loads((newest / "trainer_state.json").read_text())
+        state["data"]["samples_consumed"] = state["data"].get("samples_consumed", 0) + 1
+        (newest / "trainer_state.json").write_text(json.dumps(state))
+    elif damage == "trainer_state_json":
+        (newest / "trainer_state.json").write_text("{not json")
+        reseal(newest)
+    else:
+        (newest / "complete.json").write_text("{")
+    cfg["train"]["max_steps"] = 6
+    result = run(cfg)
+    assert result.resumed_from == step_dir(cfg, 2)
+    log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    assert "skipping checkpoint step_4:" in log
+    moved = list((Path(cfg["run"]["dir"]) / "checkpoints").glob("broken-*/step_4"))
+    assert len(moved) == 1  # kept for a post-mortem, never pruned or overwritten
+    assert {s: result.losses[s] for s in (3, 4, 5, 6)} == {s: whole.losses[s] for s in (3, 4, 5, 6)}
+
+
+def test_all_checkpoints_broken_refuses_instead_of_starting_afresh(trained, capsys):
+    for step in (2, 4):
+        flip_byte(next(step_dir(trained, step).glob("*.distcp")))
+    run_dir = Path(trained["run"]["dir"])
+    history = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["data=dummy", f"run.dir={run_dir}", "device=cpu", "log.progress=false"])
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys, "dlt-train")
+    assert "none of its 2 checkpoint(s) can be resumed" in line and "step_4" in line
+    assert (run_dir / "metrics.jsonl").read_text() == history  # nothing erased
+    assert step_dir(trained, 2).is_dir() and step_dir(trained, 4).is_dir()
+    # resume=none refuses too: a fresh start needs another run.dir
+    with pytest.raises(SystemExit):
+        train_main(["data=dummy", f"run.dir={run_dir}", "resume=none", "device=cpu"])
+    assert "already holds checkpoints" in one_error_line(capsys, "dlt-train")
+
+
+def test_explicit_older_resume_moves_newer_checkpoints_aside(tiny):
+    cfg = tiny("rollback", train={"max_steps": 8}, checkpoint={"interval": 2, "keep": 5})
+    run(cfg)
+    run_dir = Path(cfg["run"]["dir"])
+    back = dict(cfg, resume=str(step_dir(cfg, 4)))
+    back["train"] = dict(cfg["train"], max_steps=6, lr=5e-4)  # a different future
+    result = run(back, stop_requested=lambda step: step == 5)
+    assert result.resumed_from == step_dir(cfg, 4) and result.step == 5
+    aside = list((run_dir / "checkpoints").glob("abandoned-*"))
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_6", "step_8"]
+    log = (run_dir / "train.log").read_text()
+    assert "moved aside" in log and "checkpoint saved: " + str(step_dir(cfg, 5)) in log
+    # after a crash, resume=auto continues the new line of steps, not the abandoned one
+    again = run(dict(back, resume="auto"))
+    assert again.resumed_from == step_dir(cfg, 5) and again.step == 6
+    assert (
+        json.loads((step_dir(cfg, 6) / "trainer_state.json").read_text())["config"]["train"]["lr"]
+        == 5e-4
+    )
+
+
+def test_a_complete_run_says_so_and_trains_nothing(trained, capsys):
+    run_dir = Path(trained["run"]["dir"])
+    history = (run_dir / "metrics.jsonl").read_text()
+    result = run(trained)
+    assert result.step == 4 and result.losses == {}
+    assert "is already complete: step 4 of train.max_steps=4" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == history
+
+
+def test_checksums_are_recorded_for_every_file(trained):
+    folder = step_dir(trained, 4)
+    files = json.loads((folder / "complete.json").read_text())["files"]
+    assert set(files) == {p.name for p in folder.iterdir()} - {"complete.json"}
+    for name, entry in files.items():
+        assert entry == {
+            "size": (folder / name).stat().st_size,
+            "sha256": sha256_file(folder / name),
+        }
+
+
+def test_other_format_version_is_refused(trained, capsys):
+    folder = step_dir(trained, 4)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    (folder / "trainer_state.json").write_text(json.dumps({**state, "format_version": 99}))
+    reseal(folder)
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        checkpoint.resolve(folder)
+
+
+def test_resume_path_must_name_a_step_folder(trained, tmp_path, capsys):
+    odd = tmp_path / "my_checkpoint"
+    shutil.copytree(step_dir(trained, 4), odd)
+    with pytest.raises(SystemExit):
+        train_main(["data=dummy", f"resume={odd}", f"run.dir={tmp_path / 'new'}", "device=cpu"])
+    assert "named step_<N>" in one_error_line(capsys, "dlt-train")
+
+
+def test_torn_metrics_line_does_not_block_resume(tiny):
+    cfg = tiny("torn", checkpoint={"interval": 0})
+    run(cfg, stop_requested=lambda step: step == 3)
+    metrics = Path(cfg["run"]["dir"]) / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "lo')  # a full disk mid-write
+    result = run(cfg)
+    assert result.step == 6
+    assert [r["step"] for r in read_jsonl(metrics)] == [1, 2, 3, 4, 5, 6]
