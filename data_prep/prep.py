@@ -140,7 +140,7 @@ def plan(cfg: DataConfig) -> list[Chunk]:
 def check_inputs_outside_outputs(inputs: list[tuple[str, str]], out: Path) -> None:
     """Refuse an input that lies where prep writes or deletes files in data.out (a shard, a
     chunk record, the manifest, ...): prep would overwrite the file it reads."""
-    targets = [(out / name).resolve() for name in OUTPUTS]
+    targets = {name if "." in name else f"{name}/": (out / name).resolve() for name in OUTPUTS}
     for source, split in inputs:
         path = Path(source.removeprefix("hf-disk:").removeprefix("hf:"))
         if not path.exists():
@@ -151,12 +151,12 @@ def check_inputs_outside_outputs(inputs: list[tuple[str, str]], out: Path) -> No
                 f"data.out={out} lies inside the input folder {source}, which dlt-prep would "
                 "then read its own files from: use a data.out outside it"
             )
-        for target in targets:
+        for name, target in targets.items():
             if path.is_relative_to(target) or path == target.with_name(target.name + ".tmp"):
                 key = "data.input" if split == "train" else "data.val_input"
                 raise DataError(
-                    f"{key}: {source} lies inside data.out={out}, at {target.name}, where "
-                    "dlt-prep writes: move the input out of it, or use another data.out"
+                    f"{key}: {source} lies inside data.out={out}, in {name} where dlt-prep "
+                    "writes: move the input out of it, or use another data.out"
                 )
 
 
