@@ -24,6 +24,7 @@ from data_prep.shards import DatasetError
 from data_prep.sources import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, describe_omegaconf_error
+from trainer.errors import TrainingError
 from trainer.run_dir import RunDirError
 
 CONFIG_MODULE = "cluster_configs"
@@ -111,12 +112,13 @@ def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:
 
 # Mistakes in the configuration: the same on every rank of a torchrun job.
 CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
+# Errors the ranks have agreed on (a locked run directory, a diverged run): rank 0 says them.
+SAME_ON_EVERY_RANK = (*CONFIG_ERRORS, RunDirError, TrainingError)
 EXPECTED_ERRORS = (
-    *CONFIG_ERRORS,
+    *SAME_ON_EVERY_RANK,
     CheckpointError,
     DataError,
     DatasetError,
-    RunDirError,
     OSError,
 )
 
@@ -126,13 +128,13 @@ def errors_as_one_line(prog: str, also: tuple[type[Exception], ...] = ()) -> Ite
     """Turn configuration, data, checkpoint, run-directory and OS errors (and `also`) into one
     line `prog: error: ...`, exit status 2.
 
-    Under torchrun a configuration error is printed by rank 0 only (every rank has the same
-    one); every rank still exits with status 2.
+    Under torchrun an error that every rank has alike (configuration, a locked run directory,
+    a diverged run) is printed by rank 0 only; every rank still exits with status 2.
     """
     try:
         yield
     except (*EXPECTED_ERRORS, *also) as err:
-        if not isinstance(err, CONFIG_ERRORS) or os.environ.get("RANK", "0") == "0":
+        if not isinstance(err, SAME_ON_EVERY_RANK) or os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {describe_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -67,6 +67,7 @@ from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoin
     sha256_file,
     verify,
 )
+from trainer.run_dir import named
 
 # DCP warns that it "assumes a single process" when torch.distributed is not initialised:
 # that is exactly the single-process case, so the warning only adds noise.
@@ -378,7 +379,7 @@ def _one_line(err: CheckpointException, folder: Path, doing: str) -> BaseExcepti
     """DCP's multi-rank exception as one line (an OSError stays one, e.g. a full disk)."""
     cause = next(iter(err.failures.values()))[0] if err.failures else err
     if isinstance(cause, OSError):
-        return cause
+        return named(cause, folder)
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return CheckpointError(f"{folder}: {doing} the checkpoint failed: {first}")
 

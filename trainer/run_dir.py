@@ -64,9 +64,13 @@ def read_jsonl(
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one record as one line (a single write, so a crash tears at most this line)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one record as one line (a single write, so a crash tears at most this line).
+    A failed write (a full disk) raises an OSError that names the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise named(err, path) from None
 
 
 def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
@@ -78,6 +82,13 @@ def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def named(err: OSError, path: str | Path) -> OSError:
+    """`err` with the file it is about (a failed write() does not say which file)."""
+    if err.filename is None:
+        return type(err)(err.errno, err.strerror or str(err), str(path))
+    return err
 
 
 class RunDirLock:

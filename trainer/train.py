@@ -23,6 +23,7 @@ from trainer import checkpoint, distributed, resume
 from trainer import run_dir as run_files
 from trainer.config import Config, ConfigError, load_config, to_dict
 from trainer.data import BatchLoader, build_source, resolve_dataset
+from trainer.errors import TrainingError
 from trainer.hf import load_hf
 from trainer.loggers import open_sinks
 from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
@@ -112,10 +113,6 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     timer["optimizer"] += time.perf_counter() - stepping
     return loss_and_count, grad_norm
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (the loss or the weights are no longer finite numbers)."""
 
 
 @dataclass
