@@ -36,30 +36,33 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS
     if not path.is_file():
         raise PlotError(f"{path}: no such file (is {run_dir} a run directory?)")
+    numbered, skipped = numbered_records(path)
     records = []
-    for number, record in numbered_records(path):
+    for number, record in numbered:
         step = record.get("step")
         if isinstance(step, int) and not isinstance(step, bool):
             records.append(record)
         else:
-            warn(f"{path}:{number}: step {step!r} is not an integer, skipped")
+            skipped[number] = f"{path}:{number}: step {step!r} is not an integer, skipped"
+    for number in sorted(skipped):
+        warn(skipped[number])
     if not records:
         raise PlotError(f"{path}: no logged steps (yet)")
     return records
 
 
-def numbered_records(path: Path) -> list[tuple[int, dict]]:
-    """`read_jsonl`'s records of `path` with their line numbers; a warning per skipped line."""
-    skipped = set()
+def numbered_records(path: Path) -> tuple[list[tuple[int, dict]], dict[int, str]]:
+    """`read_jsonl`'s records of `path` with their line numbers, and why each other line was
+    skipped (line number -> message)."""
+    skipped: dict[int, str] = {}
 
     def on_bad_line(message: str) -> None:  # "path:N: why"
-        warn(message)
-        skipped.add(int(message.removeprefix(f"{path}:").split(":", 1)[0]))
+        skipped[int(message.removeprefix(f"{path}:").split(":", 1)[0])] = message
 
     records = read_jsonl(path, on_bad_line)
     with open(path, encoding="utf-8", errors="replace") as f:  # the lines read_jsonl kept
         numbers = [n for n, line in enumerate(f, start=1) if line.strip() and n not in skipped]
-    return list(zip(numbers, records, strict=False))  # a line appended since has no record
+    return list(zip(numbers, records, strict=False)), skipped  # a line appended since: no record
 
 
 def check_out(out: Path) -> None:

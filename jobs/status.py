@@ -20,8 +20,13 @@ from trainer.run_dir import CONFIG, JOBS, METRICS, read_jsonl
 
 def last_step(run_dir: Path) -> int:
     """The last step logged to `<run_dir>/metrics.jsonl` (0 before the first)."""
-    steps = [r["step"] for r in read_jsonl(Path(run_dir) / METRICS) if "step" in r]
+    steps = [r["step"] for r in read_jsonl(Path(run_dir) / METRICS) if is_step(r)]
     return steps[-1] if steps else 0
+
+
+def is_step(record: dict[str, Any]) -> bool:
+    step = record.get("step")
+    return isinstance(step, int) and not isinstance(step, bool)
 
 
 def warn(message: str) -> None:
@@ -34,7 +39,7 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     Unreadable lines of its JSONL files are skipped, each with a warning on stderr."""
     if not (run_dir / CONFIG).exists() and not (run_dir / JOBS).exists():
         raise FileNotFoundError(f"{run_dir}: no {CONFIG} or {JOBS}: not a run directory")
-    metrics = [m for m in read_jsonl(run_dir / METRICS, warn) if "loss" in m and "step" in m]
+    metrics = [m for m in read_jsonl(run_dir / METRICS, warn) if "loss" in m and is_step(m)]
     events = read_jsonl(run_dir / JOBS, warn)
     starts = [e for e in events if e.get("event") == "start"]
     latest = checkpoint.latest(run_dir)

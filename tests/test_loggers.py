@@ -99,6 +99,18 @@ def test_plot_skips_a_bad_line_with_one_warning_and_still_plots(tmp_path, capsys
     assert (tmp_path / "plots" / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_plot_warns_about_several_bad_lines_in_line_order(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / METRICS).write_text(GOOD + '{"step": 2.5, "loss": 1.0}\n' + GOOD + '{"step": 9, "lo')
+    plot_main([str(run_dir), f"out={tmp_path / 'plots'}"])
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2] for line in err] == [
+        f"{run_dir / METRICS}:3",
+        f"{run_dir / METRICS}:6",
+    ]
+
+
 @pytest.mark.parametrize("content", ["", "not json\n", '{"step": 1.5, "loss": 2.0}\n'])
 def test_plot_of_no_plottable_step_is_a_one_line_error(tmp_path, capsys, content):
     run_dir = tmp_path / "run"

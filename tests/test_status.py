@@ -37,5 +37,5 @@ def test_status_before_the_first_logged_step(tmp_path, capsys):
 
 def test_last_step_reads_through_torn_lines(tmp_path):
     assert status.last_step(tmp_path) == 0
-    (tmp_path / METRICS).write_text('{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    (tmp_path / METRICS).write_text('{"step": 3, "loss": 1.0}\n{"step": "x"}\n{"step": 4, "lo')
     assert status.last_step(tmp_path) == 3
