@@ -17,7 +17,7 @@ from jobs import generate as generate_cli
 from jobs.train import main as train_main
 from trainer import checkpoint
 from trainer.checkpoint import CheckpointError
-from trainer.checkpoint_files import METADATA, read_metadata, sha256_file
+from trainer.checkpoint_files import CHECKSUM, METADATA, checksum_file, read_metadata
 from trainer.run_dir import read_jsonl
 from trainer.train import run
 
@@ -35,7 +35,7 @@ def reseal(folder: Path) -> None:
     for name in listed["files"]:
         listed["files"][name] = {
             "size": (folder / name).stat().st_size,
-            "sha256": sha256_file(folder / name),
+            CHECKSUM: checksum_file(folder / name),
         }
     mark.write_text(json.dumps(listed))
 
@@ -218,7 +218,7 @@ def test_checksums_are_recorded_for_every_file(trained):
     for name, entry in files.items():
         assert entry == {
             "size": (folder / name).stat().st_size,
-            "sha256": sha256_file(folder / name),
+            CHECKSUM: checksum_file(folder / name),
         }
 
 

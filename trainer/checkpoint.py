@@ -4,7 +4,7 @@ Layout of one checkpoint, `<run>/checkpoints/step_<N>/`:
 
     .metadata, __<rank>_<i>.distcp   DCP: model, optimizer, per-rank RNG states (tensors)
     trainer_state.json               step, data position, config, logger ids (plain JSON)
-    complete.json                    size and sha256 of every file above
+    complete.json                    size and CRC-32 checksum of every file above
 
 DCP writes into `.step_<N>.tmp/`, each rank hashing its files as it writes them
 (`trainer.checkpoint_files`). Once every rank has finished (DCP's save is collective), rank 0
@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from data_prep.shards import write_json_atomic
 from trainer import distributed
 from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoint API)
+    CHECKSUM,
     COMPLETE_MARK,
     FORMAT_VERSION,
     TRAINER_STATE,
@@ -60,11 +61,11 @@ from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoin
     HashingFileSystemWriter,
     SafeFileSystemReader,
     check,
+    checksum_file,
     is_complete,
     list_files,
     read_metadata,
     read_trainer_state,
-    sha256_file,
     verify,
 )
 from trainer.run_dir import named
@@ -352,7 +353,7 @@ class PendingSave:
         for extra in self.extra_files:
             shutil.copyfile(extra, self.tmp / Path(extra).name)
         files = {
-            name: {"size": size, "sha256": digests.get(name) or sha256_file(self.tmp / name)}
+            name: {"size": size, CHECKSUM: digests.get(name) or checksum_file(self.tmp / name)}
             for name, size in list_files(self.tmp).items()
         }
         write_json_atomic(self.tmp / COMPLETE_MARK, {"step": self.step, "files": files})
