@@ -2,8 +2,10 @@
 
 Reads only the run directory (shared disk), so it works from a login node while the run is
 queued, running, preempted or finished: `metrics.jsonl` (last logged step and loss),
-`checkpoints/` (newest complete one), `jobs.jsonl` (one start/end event per attempt, with the
-SLURM job id and restart count, written by `dlt-train`).
+`checkpoints/` (the newest one whose files all match their checksums: what `resume=auto` would
+take, with any newer damaged one named), `jobs.jsonl` (one start/end event per attempt, with
+the SLURM job id and restart count, written by `dlt-train`). `--no-verify` skips reading the
+checkpoint files (sizes only).
 """
 
 from __future__ import annotations
@@ -33,16 +35,30 @@ def warn(message: str) -> None:
     print(f"dlt-status: warning: {message}", file=sys.stderr)
 
 
-def run_state(run_dir: Path) -> dict[str, Any]:
+def usable_checkpoint(run_dir: Path, verify: bool) -> tuple[Path | None, list[str]]:
+    """The checkpoint `resume=auto` would take, and why each newer one would be skipped."""
+    if not verify:
+        return checkpoint.latest(run_dir), []
+    problems = []
+    for folder in reversed(checkpoint.step_folders(run_dir)):
+        problem = checkpoint.check(folder)
+        if problem is None:
+            return folder, problems
+        problems.append(f"{folder.name}: {problem}")
+    return None, problems
+
+
+def run_state(run_dir: Path, verify: bool = True) -> dict[str, Any]:
     """A summary of the run in `run_dir` (raises FileNotFoundError when it is no run).
 
-    Unreadable lines of its JSONL files are skipped, each with a warning on stderr."""
+    Unreadable lines of its JSONL files are skipped, each with a warning on stderr. With
+    `verify`, checkpoint files are checked against their checksums."""
     if not (run_dir / CONFIG).exists() and not (run_dir / JOBS).exists():
         raise FileNotFoundError(f"{run_dir}: no {CONFIG} or {JOBS}: not a run directory")
     metrics = [m for m in read_jsonl(run_dir / METRICS, warn) if "loss" in m and is_step(m)]
     events = read_jsonl(run_dir / JOBS, warn)
     starts = [e for e in events if e.get("event") == "start"]
-    latest = checkpoint.latest(run_dir)
+    latest, damaged = usable_checkpoint(run_dir, verify)
     last = events[-1] if events else {}
     if last.get("event") == "end":
         state = last.get("outcome", "unknown")  # finished | stopped | failed
@@ -56,6 +72,8 @@ def run_state(run_dir: Path) -> dict[str, Any]:
         "last_loss": metrics[-1]["loss"] if metrics else None,
         "last_checkpoint": str(latest) if latest else None,
         "checkpoint_step": checkpoint.step_of(latest) if latest else None,
+        "checkpoint_verified": verify and latest is not None,
+        "damaged_checkpoints": damaged,
         "starts": len(starts),
         "restarts": max(len(starts) - 1, 0),
         "slurm_job_ids": job_ids,
@@ -66,9 +84,13 @@ def run_state(run_dir: Path) -> dict[str, Any]:
 def format_state(s: dict[str, Any]) -> str:
     loss = f" (loss {s['last_loss']:.4f})" if isinstance(s["last_loss"], (int, float)) else ""
     step = "none logged yet" if s["last_step"] is None else f"{s['last_step']}{loss}"
+    verified = " (checksums match)" if s.get("checkpoint_verified") else ""
     ckpt = (
-        f"step {s['checkpoint_step']}: {s['last_checkpoint']}" if s["last_checkpoint"] else "none"
+        f"step {s['checkpoint_step']}: {s['last_checkpoint']}{verified}"
+        if s["last_checkpoint"]
+        else "none"
     )
+    ckpt += "".join(f"\n  damaged:         {d}" for d in s.get("damaged_checkpoints", []))
     jobs = ", ".join(s["slurm_job_ids"]) or "none (not run under SLURM)"
     return (
         f"{s['run_dir']}\n"
@@ -88,12 +110,12 @@ def format_state(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or any(a in ("-h", "--help") for a in argv):
-        print("usage: dlt-status RUN_DIR... [--json]")
+        print("usage: dlt-status RUN_DIR... [--json] [--no-verify]")
         return
-    as_json = "--json" in argv
-    for arg in (a for a in argv if a != "--json"):
+    as_json, verify = "--json" in argv, "--no-verify" not in argv
+    for arg in (a for a in argv if a not in ("--json", "--no-verify")):
         with errors_as_one_line("dlt-status"):
-            state = run_state(Path(arg))
+            state = run_state(Path(arg), verify)
         print(json.dumps(state) if as_json else format_state(state))
 
 

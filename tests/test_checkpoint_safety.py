@@ -248,3 +248,19 @@ def test_torn_metrics_line_does_not_block_resume(tiny):
     result = run(cfg)
     assert result.step == 6
     assert [r["step"] for r in read_jsonl(metrics)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_status_reports_the_checkpoint_resume_would_take(trained, capsys):
+    from jobs import status
+
+    status.main([trained["run"]["dir"]])
+    assert f"last checkpoint: step 4: {step_dir(trained, 4)} (checksums match)" in (
+        capsys.readouterr().out
+    )
+    flip_byte(next(step_dir(trained, 4).glob("*.distcp")))
+    status.main([trained["run"]["dir"]])
+    out = capsys.readouterr().out
+    assert f"last checkpoint: step 2: {step_dir(trained, 2)} (checksums match)" in out
+    assert "damaged:         step_4: " in out and "does not match its crc32 checksum" in out
+    status.main([trained["run"]["dir"], "--no-verify"])  # sizes only: the flip goes unseen
+    assert f"last checkpoint: step 4: {step_dir(trained, 4)}\n" in capsys.readouterr().out

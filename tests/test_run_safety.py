@@ -233,6 +233,18 @@ def test_full_disk_is_one_line_and_loses_nothing(tiny, small_disk, capsys):
     assert losses == whole.losses
 
 
+def test_read_only_run_dir_is_found_before_the_first_step(tiny, small_disk, capsys):
+    cfg = tiny("read_only")
+    cfg["run"]["dir"] = str(small_disk / "run")
+    (small_disk / "run").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(cli_args(cfg))
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys)
+    assert "Read-only file system" in line and str(small_disk / "run") in line
+
+
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
 

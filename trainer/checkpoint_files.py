@@ -236,11 +236,15 @@ class HashingFileSystemWriter(FileSystemWriter):
 # --- verification ----------------------------------------------------------------------
 
 
+def _files_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
 def list_files(folder: Path) -> dict[str, int]:
     return {
         str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != COMPLETE_MARK
+        for p in _files_in(folder)
+        if p.name != COMPLETE_MARK
     }
 
 
@@ -300,15 +304,16 @@ def _problem(path: Path, share: tuple[int, int]) -> str | None:
     return None
 
 
-_CHECKED: set[tuple[Path, float]] = set()  # (folder, mtime of its mark): hashed once per process
+# Folders checked by this process, keyed by every file's size and modification time: a
+# checkpoint that a run just resolved is not read twice (e.g. by dlt-generate's load).
+_CHECKED: set[tuple] = set()
 
 
 def check(path: str | Path) -> str | None:
     """Why checkpoint `path` cannot be loaded, or None (collective: every rank calls it and
     hashes its share of the files; all ranks get the same answer)."""
     path = Path(path).absolute()
-    mark = path / COMPLETE_MARK
-    key = (path, mark.stat().st_mtime if mark.is_file() else 0.0)
+    key = (path, *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _files_in(path)))
     if key in _CHECKED:
         return None
     share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
