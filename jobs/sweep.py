@@ -12,6 +12,7 @@ Give each job its own `run.dir` (interpolating the swept values, or `${hydra:job
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,12 +20,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_schema, training_dict
+from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_schema, too_many_digits, training_dict
 from jobs.submit import ClusterProfile, TrainTask, strip_cluster_overrides
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 
 
 def sweep(argv: list[str]) -> None:
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    with errors_as_one_line("dlt-train"):  # Hydra would parse it with a traceback
+        if limit and any(len(run) > limit for arg in argv for run in re.findall(r"\d+", arg)):
+            raise ConfigError(too_many_digits(argv))
     sys.argv = ["dlt-train", *argv]
     train_one()
 

@@ -48,9 +48,10 @@ def test_run_dir_error_is_one_line(capsys):
     assert "in use by another trainer" in one_error_line(capsys, "dlt-train")
 
 
-def test_huge_integer_override_is_one_line_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("mode", [[], ["--multirun"]], ids=["run", "sweep"])
+def test_huge_integer_override_is_one_line_naming_it(tmp_path, capsys, mode):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["data=dummy", f"run.dir={tmp_path}", "train.max_steps=" + "9" * 5000])
+        train.main([*mode, "data=dummy", f"run.dir={tmp_path}", "train.max_steps=" + "9" * 5000])
     assert exit_info.value.code == 2
     line = one_error_line(capsys, "dlt-train")
     assert "train.max_steps=999" in line and "5000 digits" in line and len(line) < 200
