@@ -246,6 +246,13 @@ def convert_checked(hf: dict[str, torch.Tensor], model: GPT, path: Path) -> dict
     return state
 
 
+def check_hf_folder(folder: str | Path, cfg: ModelConfig) -> None:
+    """What `load_hf(folder, cfg)` checks without reading the weights (cheap, for before a
+    run starts): a GPT-2 `config.json` with `cfg`'s shapes and a weights file beside it."""
+    check_same_shapes(read_hf_config(Path(folder)), cfg, Path(folder))
+    weights_file(folder)
+
+
 def load_hf(folder: str | Path, cfg: ModelConfig | None = None) -> GPT:
     """A GPT built from a local Hugging Face GPT-2 folder (e.g. a downloaded `gpt2`).
 

@@ -24,7 +24,7 @@ from trainer import run_dir as run_files
 from trainer.config import Config, ConfigError, load_config, to_dict
 from trainer.data import BatchLoader, build_source, resolve_dataset
 from trainer.errors import TrainingError
-from trainer.hf import load_hf
+from trainer.hf import check_hf_folder, load_hf
 from trainer.loggers import open_sinks
 from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
 from trainer.model import GPT, flops_per_token
@@ -144,8 +144,11 @@ def choose_start(cfg: Config) -> tuple[Start, dict[str, Any] | None]:
     return start, saved
 
 
-def check_data(cfg: Config) -> None:
-    """What would otherwise fail only at the first evaluation, after the work is done."""
+def check_inputs(cfg: Config) -> None:
+    """What would otherwise fail only once the run has started (the starting weights) or at
+    its first evaluation, after the work is done (the validation split)."""
+    if cfg.model.init_from:
+        check_hf_folder(cfg.model.init_from, cfg.model)
     if cfg.eval.interval > 0:
         try:
             build_source(cfg, "val")
@@ -191,7 +194,7 @@ def run(
     check_layout(cfg)
     world, device = distributed.init(cfg.device, cfg.train.cpu_threads)
     manifest = resolve_dataset(cfg)
-    check_data(cfg)
+    check_inputs(cfg)
     run_dir = Path(cfg.run.dir)
     lock = run_dir_lock(run_dir, world)
     try:
