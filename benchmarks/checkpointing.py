@@ -1,5 +1,5 @@
-"""Checkpoint save/load speed against the disk, the training stall of sync vs async saves, and
-the time from job start to the first step (fresh and resumed).
+"""Checkpoint save/load speed against the disk, what the checksums cost, the training stall of
+sync vs async saves, and the time from job start to the first step (fresh and resumed).
 
     python -m benchmarks.checkpointing --model gpt2_small
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,37 @@ def save_load(model_cfg: ModelConfig, folder: Path) -> dict:
     return {"bytes": size, "save_s": save_s, "load_s": load_s}
 
 
+def checksum_cost(model_cfg: ModelConfig, folder: Path, repeats: int) -> dict:
+    """Median DCP save time with DCP's own writer and with our checksumming one, and the time
+    to check a checkpoint's files before loading. Each save starts after `os.sync()` and a
+    pause, so no save pays for the previous one's write-back."""
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.checkpoint_files import HashingFileSystemWriter
+
+    model = GPT(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)).backward()
+    optimizer.step()
+    state = {"app": checkpoint.ModelAndOptimizer(model, optimizer)}
+    times: dict[str, list[float]] = {"plain": [], "checksummed": []}
+    for i in range(repeats):
+        for kind in ("plain", "checksummed")[:: 1 if i % 2 else -1]:  # alternate the order
+            target = folder / f"{kind}{i}"
+            writer = HashingFileSystemWriter(target) if kind == "checksummed" else None
+            os.sync()
+            time.sleep(1.0)
+            start = time.perf_counter()
+            dcp.save(state, checkpoint_id=target, storage_writer=writer)
+            times[kind].append(time.perf_counter() - start)
+    path = checkpoint.save(folder / "run", 1, model, optimizer, {"step": 1}, keep=1)
+    start = time.perf_counter()
+    problem = checkpoint.check(path)
+    check_s = time.perf_counter() - start
+    assert problem is None, problem
+    return {kind: statistics.median(t) for kind, t in times.items()} | {"check_s": check_s}
+
+
 def train(args: list[str], run_dir: Path) -> tuple[float, list[dict]]:
     start = time.perf_counter()
     done = subprocess.run(
@@ -80,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-model", default="tiny", help="model preset for the stall runs")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--disk-mb", type=int, default=512)
+    parser.add_argument("--checksum-repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     from jobs.cli import compose_config
@@ -96,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         disk = disk_write_gbps(tmp, args.disk_mb)
         io = save_load(model_cfg, tmp / "ckpt")
+        sums = checksum_cost(model_cfg, tmp / "sums", args.checksum_repeats)
         common = [
             f"model={args.train_model}",
             f"train.max_steps={args.steps}",
@@ -118,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         f"| {args.model} checkpoint size (weights + AdamW state) | {gb:.2f} GiB |",
         f"| save (sync) | {io['save_s']:.2f} s = {gb / io['save_s']:.2f} GB/s |",
         f"| load | {io['load_s']:.2f} s = {gb / io['load_s']:.2f} GB/s |",
+        f"| DCP save without / with CRC-32 while writing (median of {args.checksum_repeats}) | "
+        f"{sums['plain']:.2f} s / {sums['checksummed']:.2f} s "
+        f"({100 * (sums['checksummed'] / sums['plain'] - 1):+.0f}%) |",
+        f"| checksum check before loading | {sums['check_s']:.2f} s = "
+        f"{gb / sums['check_s']:.2f} GB/s |",
         f"| training stall per checkpoint, sync ({args.train_model}) | "
         f"{1000 * stall(sync_rows):.1f} ms |",
         f"| training stall per checkpoint, async ({args.train_model}) | "

@@ -50,7 +50,16 @@ SIZES = {
         ],
         "layouts": ["--model", "tiny", "--nproc", "2", "--steps", "1", "--micro-batch", "2"],
         "prep": ["--mb", "0.5"],
-        "checkpoint": ["--model", "tiny", "--steps", "3", "--disk-mb", "8"],
+        "checkpoint": [
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--disk-mb",
+            "8",
+            "--checksum-repeats",
+            "1",
+        ],
     },
 }
 SUITES = {

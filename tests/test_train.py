@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -14,12 +13,12 @@ from trainer.data import DummyTokens
 from trainer.hf import load_hf_state_dict, save_hf
 from trainer.model import GPT
 from trainer.optim import lr_at
+from trainer.run_dir import METRICS, read_jsonl
 from trainer.train import run
 
 
 def records(run_dir: str | Path) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 def test_loss_falls_and_metrics_have_every_field(tiny):
