@@ -40,7 +40,7 @@ from trainer import distributed
 from trainer import run_dir as run_files
 from trainer.config import Config, ConfigError, load_config
 from trainer.preemption import StopOnSignal  # noqa: F811 (also imported early, above)
-from trainer.train import run
+from trainer.train import RunHooks, run
 
 USAGE = (
     "model=<preset> parallel=<preset> data=<preset> train.max_steps=N run.dir=DIR "
@@ -101,21 +101,28 @@ def main(argv: list[str] | None = None) -> None:
     distributed.shutdown()
 
 
+class JobRecord(RunHooks):
+    """The launcher's bookkeeping: SLURM log lines and `jobs.jsonl`, written only once this
+    trainer owns the run directory (another trainer's records are not ours to touch)."""
+
+    def __init__(self, cfg: Config, world: distributed.World):
+        self.cfg, self.world, self.owns_run_dir = cfg, world, False
+
+    def locked(self) -> None:
+        self.owns_run_dir = True
+
+    def started(self, checkpoint: Path | None, step: int) -> None:
+        announce_start(self.cfg, self.world, checkpoint, step)
+
+
 def train_here(cfg: Config, early_signal: StopOnSignal | None = None) -> None:
     """Train in this process, reporting the start and the outcome for SLURM and dlt-status."""
     world = distributed.world_from_env()
-    started = False
-
-    def on_start(resume_from: Path | None, step: int) -> None:
-        nonlocal started
-        started = True
-        announce_start(cfg, world, resume_from, step)
-
+    record = JobRecord(cfg, world)
     try:
-        result = run(cfg, stop_requested=early_signal, on_start=on_start)
+        result = run(cfg, stop_requested=early_signal, hooks=record)
     except BaseException:
-        # Before the start, the run directory may be another trainer's: leave its records.
-        report_outcome(cfg, world, "failed", None, record=started)
+        report_outcome(cfg, world, "failed", None, record=record.owns_run_dir)
         raise
     outcome = "stopped" if result.stopped_early else "finished"
     report_outcome(cfg, world, outcome, result.step)

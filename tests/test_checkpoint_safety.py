@@ -264,3 +264,48 @@ def test_status_reports_the_checkpoint_resume_would_take(trained, capsys):
     assert "damaged:         step_4: " in out and "does not match its crc32 checksum" in out
     status.main([trained["run"]["dir"], "--no-verify"])  # sizes only: the flip goes unseen
     assert f"last checkpoint: step 4: {step_dir(trained, 4)}\n" in capsys.readouterr().out
+
+
+def test_a_restarted_explicit_resume_continues_instead_of_starting_over(trained, tiny):
+    """sbatch requeues, submitit and torchrun restarts repeat the same resume=PATH: the run
+    goes on from its own newest checkpoint that descends from PATH."""
+    cfg = tiny("finetune", train={"max_steps": 8})
+    cfg["resume"] = str(step_dir(trained, 2))
+    first = run(cfg, stop_requested=lambda step: step == 5)
+    assert first.resumed_from == step_dir(trained, 2) and first.step == 5
+    again = run(cfg)  # the same command line, as a requeued job runs it
+    assert again.resumed_from == step_dir(cfg, 5) and again.step == 8
+    assert not list((Path(cfg["run"]["dir"]) / "checkpoints").glob("abandoned-*"))
+    log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    assert "continuing this run from step_5, which descends from it" in log
+
+
+def test_a_refused_explicit_resume_moves_nothing(tiny, capsys):
+    cfg = tiny("refused_rollback", train={"max_steps": 6}, checkpoint={"interval": 2})
+    run(cfg)
+    before = sorted(p.name for p in (Path(cfg["run"]["dir"]) / "checkpoints").iterdir())
+    args = ["data=dummy", f"run.dir={cfg['run']['dir']}", "device=cpu", "model.n_layer=3"]
+    with pytest.raises(SystemExit):
+        train_main([*args, f"resume={step_dir(cfg, 2)}"])
+    assert "model.n_layer=3 but checkpoint" in one_error_line(capsys, "dlt-train")
+    assert sorted(p.name for p in (Path(cfg["run"]["dir"]) / "checkpoints").iterdir()) == before
+
+
+def test_another_format_version_is_refused_not_skipped(trained, capsys):
+    folder = step_dir(trained, 4)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    (folder / "trainer_state.json").write_text(json.dumps({**state, "format_version": 2}))
+    reseal(folder)
+    with pytest.raises(SystemExit):
+        train_main(["data=dummy", f"run.dir={trained['run']['dir']}", "device=cpu"])
+    assert "format_version 2, but this trainer reads version 1" in one_error_line(
+        capsys, "dlt-train"
+    )
+    assert folder.is_dir()  # not moved aside: it is not damaged, and the run did not go back
+
+
+def test_readers_name_a_damaged_checkpoint_but_move_nothing(trained, tmp_path, capsys):
+    flip_byte(next(step_dir(trained, 4).glob("*.distcp")))
+    export_cli.main([f"checkpoint={trained['run']['dir']}", f"out={tmp_path / 'x'}"])
+    assert "skipping checkpoint step_4" in capsys.readouterr().out
+    assert step_dir(trained, 4).is_dir()  # the run directory is the trainer's to change

@@ -58,6 +58,7 @@ from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoin
     FORMAT_VERSION,
     TRAINER_STATE,
     CheckpointError,
+    CheckpointRefused,
     HashingFileSystemWriter,
     SafeFileSystemReader,
     check,
@@ -211,6 +212,10 @@ class ResumeChoice:
 
     path: Path | None
     notes: list[str] = field(default_factory=list)  # one line each, for the run's log
+    # This run's checkpoints that an explicit resume=PATH abandons: moved aside by
+    # `set_aside()` once the resume has been accepted.
+    abandoned: list[Path] = field(default_factory=list)
+    origin: str | None = None  # the resume=PATH this run's line of checkpoints started from
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -224,61 +229,88 @@ def list_complete(run_dir: str | Path) -> list[Path]:
     return [p for p in step_folders(run_dir) if is_complete(p)]
 
 
-def newest_usable(run_dir: str | Path) -> ResumeChoice:
+def newest_usable(run_dir: str | Path, move_damaged: bool = True) -> ResumeChoice:
     """The newest checkpoint of a run that passes :func:`check` (collective).
 
-    Each newer one that fails is named with why, and moved aside (rank 0) so that it is
-    neither pruned nor mistaken for this run's history. Raises when the run has checkpoint
-    folders but none passes: a run directory is never silently started afresh.
+    Each newer one that is damaged is named with why and, with `move_damaged` (the trainer,
+    which holds the run's lock), moved aside so that it is neither pruned nor mistaken for the
+    run's history. Raises when the run has checkpoint folders but none passes (a run directory
+    is never silently started afresh), and on a checkpoint that must be refused, not skipped.
     """
-    candidates = step_folders(run_dir)[::-1]
-    choice, skipped = ResumeChoice(None), []
+    candidates = step_folders(run_dir)[::-1]  # listed before any collective: alike on all ranks
+    choice, damaged = ResumeChoice(None), []
     for path in candidates:
         problem = check(path)
         if problem is None:
             choice.path = path
             break
         choice.notes.append(f"skipping checkpoint {path.name}: {problem}")
-        skipped.append(path)
+        damaged.append(path)
     if candidates and choice.path is None:
         raise CheckpointError(
             f"run.dir {run_dir}: none of its {len(candidates)} checkpoint(s) can be resumed ("
             + "; ".join(n.removeprefix("skipping checkpoint ") for n in choice.notes)
             + "): move checkpoints/ away to start afresh, or use another run.dir"
         )
-    if skipped:
-        where = move_aside(skipped, "broken")
+    if damaged and move_damaged:
+        where = move_aside(damaged, "broken")
         _barrier()
-        choice.notes.append(f"moved {', '.join(p.name for p in skipped)} aside to {where}")
+        choice.notes.append(f"moved {', '.join(p.name for p in damaged)} aside to {where}")
     return choice
 
 
 def explicit(path: str | Path, run_dir: str | Path) -> ResumeChoice:
-    """`resume=PATH`: that checkpoint (or a run directory's newest usable one), checked; this
-    run's checkpoints at or after its step move aside (they belong to the abandoned future)."""
+    """`resume=PATH`: that checkpoint (or a run directory's newest usable one), checked.
+
+    This run's checkpoints at or after its step are to be set aside (they belong to the
+    abandoned future). A job that is requeued or restarted repeats the same `resume=PATH`:
+    when this run's newest checkpoint already descends from PATH, the run continues from it.
+    """
+    origin = str(Path(path).resolve())
+    own = step_folders(run_dir)  # listed before any collective: alike on every rank
+    if own:
+        try:
+            mine = newest_usable(run_dir)
+        except CheckpointRefused:
+            raise
+        except CheckpointError:
+            mine = ResumeChoice(None)  # all damaged: PATH decides
+        if mine.path is not None and read_trainer_state(mine.path).get("origin") == origin:
+            mine.origin = origin
+            mine.notes.append(
+                f"resume={path}: continuing this run from {mine.path.name}, which descends "
+                "from it (a restarted job)"
+            )
+            return mine
     choice = resolve_choice(path)
     assert choice.path is not None
+    choice.origin = origin
     step = step_of(choice.path)
-    newer = [
-        p
-        for p in step_folders(run_dir)
-        if step_of(p) >= step and p.absolute() != choice.path.absolute()
-    ]
-    if newer:
-        where = move_aside(newer, "abandoned")
-        _barrier()
-        choice.notes.append(
-            f"resume={path}: this run continues from step {step}; its checkpoints "
-            f"{', '.join(p.name for p in newer)} moved aside to {where}"
-        )
+    chosen = choice.path.resolve()
+    choice.abandoned = [p for p in own if step_of(p) >= step and p.resolve() != chosen]
     return choice
 
 
+def set_aside(choice: ResumeChoice, run_dir: str | Path) -> str | None:
+    """Move the checkpoints an accepted explicit resume abandons (collective); one line."""
+    alive = [p for p in choice.abandoned if p.exists()]
+    if not choice.abandoned:
+        return None
+    where = move_aside(alive, "abandoned") if alive else None
+    _barrier()
+    step = step_of(choice.path) if choice.path else 0
+    return (
+        f"resume={choice.origin}: this run continues from step {step}; its checkpoints "
+        f"{', '.join(p.name for p in choice.abandoned)} moved aside to {where}"
+    )
+
+
 def resolve_choice(path: str | Path) -> ResumeChoice:
-    """A run directory (its newest usable checkpoint) or one checkpoint folder, checked."""
+    """A run directory (its newest usable checkpoint) or one checkpoint folder, checked.
+    Reads only: a damaged checkpoint of that run is named, not moved."""
     path = Path(path)
     if checkpoints_root(path).is_dir() or (path / "config.yaml").is_file():
-        choice = newest_usable(path)
+        choice = newest_usable(path, move_damaged=False)
         if choice.path is None:
             raise CheckpointError(f"{path}: run directory has no checkpoint")
         return choice
@@ -301,11 +333,16 @@ def resolve(path: str | Path, log: Callable[[str], None] | None = None) -> Path:
 
 
 def move_aside(paths: list[Path], why: str) -> Path:
-    """Move checkpoint folders into `checkpoints/<why>-<time>/` (the work is rank 0's; the
-    callers hold a barrier after it). Returns that folder."""
-    where = checkpoints_root(paths[0].parent.parent) / f"{why}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """Move checkpoint folders into a new `checkpoints/<why>-<time>/` (the work is rank 0's;
+    the callers hold a barrier after it). Returns that folder."""
+    root = checkpoints_root(paths[0].parent.parent)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    where, n = root / f"{why}-{stamp}", 1
+    while where.exists():  # twice in one second
+        n += 1
+        where = root / f"{why}-{stamp}-{n}"
     if _rank() == 0:
-        where.mkdir(parents=True, exist_ok=True)
+        where.mkdir(parents=True)
         for p in paths:
             os.replace(p, where / p.name)
     return where
@@ -351,7 +388,10 @@ class PendingSave:
             self.tmp / TRAINER_STATE, {"format_version": FORMAT_VERSION, **self.trainer_state}
         )
         for extra in self.extra_files:
-            shutil.copyfile(extra, self.tmp / Path(extra).name)
+            copy = self.tmp / Path(extra).name
+            shutil.copyfile(extra, copy)
+            with open(copy, "rb") as f:
+                os.fsync(f.fileno())
         files = {
             name: {"size": size, CHECKSUM: digests.get(name) or checksum_file(self.tmp / name)}
             for name, size in list_files(self.tmp).items()
@@ -381,6 +421,8 @@ def _one_line(err: CheckpointException, folder: Path, doing: str) -> BaseExcepti
     cause = next(iter(err.failures.values()))[0] if err.failures else err
     if isinstance(cause, OSError):
         return named(cause, folder)
+    if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C: abort, as asked
+        return cause
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     return CheckpointError(f"{folder}: {doing} the checkpoint failed: {first}")
 
@@ -459,12 +501,16 @@ def prune(run_dir: str | Path, keep: int) -> None:
 
 
 def load(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    checked: bool = False,
 ) -> dict[str, Any]:
     """Load a checkpoint into `model` (and `optimizer`, and this rank's RNG), after checking
-    every file against its checksum (collective). Returns the trainer state."""
+    every file against its checksum (collective) unless the caller just `checked` it.
+    Returns the trainer state."""
     path = Path(path)
-    problem = check(path)
+    problem = None if checked else check(path)
     if problem is not None:
         raise CheckpointError(problem)
     state: dict[str, Any] = {"app": ModelAndOptimizer(model, optimizer)}

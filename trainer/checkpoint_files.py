@@ -53,6 +53,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or unsafe."""
 
 
+class CheckpointRefused(CheckpointError):
+    """A checkpoint that is not damaged but must not be loaded here (another format version,
+    a pickle naming foreign code, a file that cannot be read now): `resume=auto` refuses it
+    instead of skipping it for an older one."""
+
+
 # (module, name) of every global that DCP metadata (torch 2.6 - 2.13) pickles.
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
@@ -72,6 +78,8 @@ _METADATA_CLASSES = {
     ("torch.serialization", "_get_layout"),  # maps a layout's name to torch.strided etc.
     ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
+    ("pathlib._local", "PosixPath"),  # Python 3.13+
+    ("pathlib._local", "PurePosixPath"),
 }
 
 
@@ -81,9 +89,15 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _METADATA_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which DCP metadata never does")
+        dtype = torch.__dict__.get(name) if module == "torch" else None  # no lazy imports
+        if isinstance(dtype, torch.dtype):
+            return dtype
+        raise RefusedGlobal(f"it refers to {module}.{name}, which DCP metadata never does")
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that names a class or function outside DCP metadata: crafted, or written by a
+    newer torch whose metadata this reader does not know."""
 
 
 def read_metadata(path: str | Path) -> Metadata:
@@ -94,7 +108,9 @@ def read_metadata(path: str | Path) -> Metadata:
             metadata = MetadataUnpickler(f).load()
     except OSError:
         raise
-    except Exception as err:  # whatever a crafted or damaged pickle makes the unpickler raise
+    except RefusedGlobal as err:
+        raise CheckpointRefused(f"{file}: not valid DCP metadata ({err})") from None
+    except Exception as err:  # whatever a damaged pickle makes the unpickler raise
         raise CheckpointError(f"{file}: not valid DCP metadata ({err})") from None
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{file}: not valid DCP metadata (a {type(metadata).__name__})")
@@ -287,40 +303,65 @@ def is_complete(path: Path) -> bool:
     return True
 
 
-def _problem(path: Path, share: tuple[int, int]) -> str | None:
+def _problem(path: Path, share: tuple[int, int]) -> tuple[str, bool] | None:
     """Why `path` cannot be loaded, checking the checksums of this rank's `share` of its files
-    (rank, world): None when it can."""
+    (rank, world), and whether that is a refusal rather than damage; None when it can."""
     rank, world = share
     try:
         files = read_mark(path)
         for name in sorted(files)[rank::world]:
             expected = files[name].get(CHECKSUM)
             if expected is not None and checksum_file(path / name) != expected:
-                return f"{path}: file {name} does not match its {CHECKSUM} checksum (corrupt)"
+                return (
+                    f"{path}: file {name} does not match its {CHECKSUM} checksum (corrupt)",
+                    False,
+                )
         read_trainer_state(path)
         read_metadata(path)
-    except (CheckpointError, OSError) as err:
-        return str(err)
+    except CheckpointRefused as err:
+        return str(err), True
+    except CheckpointError as err:
+        return str(err), False
+    except FileNotFoundError as err:
+        return f"{path}: {err.filename or err}: missing", False
+    except OSError as err:  # EIO, ESTALE, EACCES...: the files may be fine, the reading is not
+        return f"{err.filename or path}: {err.strerror or err} (cannot be read now)", True
     return None
 
 
-# Folders checked by this process, keyed by every file's size and modification time: a
-# checkpoint that a run just resolved is not read twice (e.g. by dlt-generate's load).
+# Folders a single process has checked, keyed by every file's identity, size and times: a
+# checkpoint that dlt-generate just resolved is not read twice by its load. (Not used with
+# several ranks: whether to skip the check would have to be agreed.)
 _CHECKED: set[tuple] = set()
 
 
+def _identity(path: Path) -> tuple:
+    stats = [(p.name, p.stat()) for p in _files_in(path)]
+    return (path, *((n, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats))
+
+
 def check(path: str | Path) -> str | None:
-    """Why checkpoint `path` cannot be loaded, or None (collective: every rank calls it and
-    hashes its share of the files; all ranks get the same answer)."""
+    """Why checkpoint `path` cannot be loaded (damage: a wrong size or checksum, a missing or
+    unparseable file), or None (collective: every rank calls it and hashes its share of the
+    files; all ranks get the same answer). Raises :class:`CheckpointRefused` for a checkpoint
+    that is not damaged but must not be loaded here."""
     path = Path(path).absolute()
-    key = (path, *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _files_in(path)))
-    if key in _CHECKED:
+    single = not dist.is_initialized()
+    try:
+        key = _identity(path) if single else None
+    except OSError:
+        key = None
+    if key is not None and key in _CHECKED:
         return None
-    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    share = (0, 1) if single else (dist.get_rank(), dist.get_world_size())
     problems = [p for p in distributed.all_gather_objects(_problem(path, share)) if p]
+    refused = [message for message, is_refusal in problems if is_refusal]
+    if refused:
+        raise CheckpointRefused(refused[0])
     if problems:
-        return problems[0]
-    _CHECKED.add(key)
+        return problems[0][0]
+    if key is not None:
+        _CHECKED.add(key)
     return None
 
 
@@ -334,7 +375,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: not a trainer state (no step)")
     version = state.get("format_version", 1)
     if version != FORMAT_VERSION:
-        raise CheckpointError(
+        raise CheckpointRefused(
             f"{file}: format_version {version}, but this trainer reads version "
             f"{FORMAT_VERSION}: use the version of the code that wrote it"
         )

@@ -81,16 +81,8 @@ class MetricsLogger:
             rewrite_jsonl(self.path, kept)
 
     def print(self, text: str) -> None:
-        if not self.enabled:
-            return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        line = f"[{stamp}] {text}"
-        with open(self.text_log, "a") as f:
-            f.write(line + "\n")
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        if self.enabled:
+            log_line(self.text_log.parent, text, self.bar.write if self.bar else None)
 
     def advance(self) -> None:
         if self.bar is not None:
@@ -109,6 +101,17 @@ class MetricsLogger:
             self.bar.close()
         for sink in self.sinks:
             sink.close()
+
+
+def log_line(run_dir: Path, text: str, show: Any = None) -> None:
+    """One time-stamped line on the console (or through `show`) and in `train.log`."""
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
+    with open(Path(run_dir) / TRAIN_LOG, "a") as f:
+        f.write(line + "\n")
+    if show is not None:
+        show(line)
+    else:
+        print(line, flush=True)
 
 
 def format_line(r: dict[str, Any], max_steps: int) -> str:

@@ -15,6 +15,7 @@ import threading
 # USR1: our sbatch script's --signal; USR2: submitit's; TERM: the end of the time limit;
 # INT: Ctrl-C (a second Ctrl-C aborts at once, without a checkpoint).
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+_ctrl_c = 0  # SIGINTs this process has received (the early handler and the loop's share it)
 
 
 class StopOnSignal:
@@ -29,15 +30,20 @@ class StopOnSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: abort now
+        global _ctrl_c
+        if signum == signal.SIGINT:
+            _ctrl_c += 1
+            if _ctrl_c > 1:  # the second Ctrl-C in this process (whichever handler saw the first)
+                raise KeyboardInterrupt
         self.received = signal.Signals(signum)
 
     def __call__(self, step: int) -> bool:
         return self.received is not None
 
     def restore(self) -> None:
-        """Put back the handlers that were there before."""
+        """Put back the handlers that were there before (and forget an earlier Ctrl-C)."""
+        global _ctrl_c
+        _ctrl_c = 0
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

@@ -22,7 +22,7 @@ from trainer.config import Config, ConfigError, to_dict
 # tokenizer.
 SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
 TOKEN_KEYS = ("model.vocab_size", "data.tokenizer", "data.tokenizer_hash")
-DATA_KEYS = ("data.kind", "data.path", "data.dummy_branching")
+DATA_KEYS = {"shards": ("data.kind", "data.path"), "dummy": ("data.kind", "data.dummy_branching")}
 # Shown when they change; the run goes on with the new value.
 NOTED_KEYS = (
     "train.max_steps",
@@ -31,6 +31,7 @@ NOTED_KEYS = (
     "train.warmup_steps",
     "train.weight_decay",
     "train.grad_clip",
+    "train.seed",
     "train.micro_batch_size",
     "train.grad_accum",
     "precision",
@@ -70,7 +71,7 @@ def _same_path(a: Any, b: Any) -> bool:
 
 def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> list[str]:
     """Refuse what cannot continue from checkpoint `path`; return one line per other change."""
-    now, then = to_dict(cfg), saved["config"]
+    now, then = to_dict(cfg), saved.get("config") or {}
     for key in SHAPE_KEYS + TOKEN_KEYS:
         if _get(now, key) != _get(then, key):
             raise ConfigError(
@@ -80,7 +81,7 @@ def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> l
             )
     changed_data = [
         key
-        for key in DATA_KEYS
+        for key in DATA_KEYS.get(cfg.data.kind, ("data.kind",))
         if not (_same_path if key == "data.path" else operator.eq)(_get(now, key), _get(then, key))
     ]
     if changed_data and not explicit:
@@ -105,12 +106,19 @@ def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> l
     return lines
 
 
-def _global_batch(config: dict[str, Any]) -> int:
-    p = config["parallel"]
-    dp = p["dp_replicate"] * p["dp_shard"]
-    return config["train"]["micro_batch_size"] * config["train"]["grad_accum"] * dp
+def _global_batch(config: dict[str, Any]) -> int | None:
+    sizes = [
+        _get(config, k)
+        for k in (
+            "train.micro_batch_size",
+            "train.grad_accum",
+            "parallel.dp_replicate",
+            "parallel.dp_shard",
+        )
+    ]
+    return None if None in sizes else sizes[0] * sizes[1] * sizes[2] * sizes[3]
 
 
 def _layout(config: dict[str, Any]) -> str:
-    p = config["parallel"]
-    return " ".join(f"{d}={p[d]}" for d in ("pp", "dp_replicate", "dp_shard", "tp"))
+    dims = ("pp", "dp_replicate", "dp_shard", "tp")
+    return " ".join(f"{d}={_get(config, 'parallel.' + d)}" for d in dims)

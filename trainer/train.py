@@ -26,7 +26,7 @@ from trainer.data import BatchLoader, build_source, resolve_dataset
 from trainer.errors import TrainingError
 from trainer.hf import check_hf_folder, load_hf
 from trainer.loggers import open_sinks
-from trainer.metrics import MetricsLogger, peak_memory_gib, peak_tflops, perplexity
+from trainer.metrics import MetricsLogger, log_line, peak_memory_gib, peak_tflops, perplexity
 from trainer.model import GPT, flops_per_token
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, check_layout, parallelize
@@ -124,20 +124,27 @@ class Start:
     elapsed_s: float = 0.0
     restarts: int = 0
     logger_ids: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # lines for the log (skips, changes)
+    origin: str | None = None  # the resume=PATH this run's checkpoints descend from
 
 
-def choose_start(cfg: Config) -> tuple[Start, dict[str, Any] | None]:
+def choose_start(cfg: Config, note: Callable[[str], None]) -> tuple[Start, dict[str, Any] | None]:
     """The checkpoint this run continues (collective), compared with the config; returns the
-    start and the checkpoint's trainer state."""
+    start and the checkpoint's trainer state. What was skipped or moved goes to `note` at once
+    (before a refusal can end the run)."""
     choice = resume.choose(cfg)
-    start = Start(notes=list(choice.notes))
+    for line in choice.notes:
+        note(line)
+    start = Start(origin=choice.origin)
     if choice.path is None:
         return start, None
     saved = checkpoint.read_trainer_state(choice.path)
     changes = resume.compare(cfg, saved, choice.path, explicit=cfg.resume not in ("auto", "none"))
     if changes:
-        start.notes.append("resuming with changes: " + "; ".join(changes))
+        note("resuming with changes: " + "; ".join(changes))
+    moved = checkpoint.set_aside(choice, cfg.run.dir)  # only once the resume is accepted
+    if moved:
+        note(moved)
+    start.origin = choice.origin or saved.get("origin")
     start.step, start.path = saved["step"], choice.path
     start.elapsed_s, start.restarts = saved["elapsed_s"], saved.get("restarts", 0) + 1
     start.logger_ids = saved.get("logger_ids", {})
@@ -166,7 +173,7 @@ def finite_or_stop(
     last call, or holds a non-finite weight: such a state must never become a checkpoint."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
     weights_ok = torch.stack([torch.isfinite(p).all() for p in local]).all()
-    bad = torch.stack([non_finite, ~weights_ok]).any().float().reshape(1)
+    bad = torch.stack([non_finite, ~weights_ok.to(non_finite.device)]).any().float().reshape(1)
     if distributed.all_reduce_max(bad).item() > 0:
         raise TrainingError(
             f"the loss or the weights are no longer finite at step {step} (too high a train.lr? "
@@ -176,10 +183,21 @@ def finite_or_stop(
     non_finite.zero_()
 
 
+class RunHooks:
+    """What a launcher hears from :func:`run` on every rank (jobs/train.py keeps `jobs.jsonl`
+    and the SLURM log lines with it); the defaults do nothing."""
+
+    def locked(self) -> None:
+        """This trainer now owns the run directory (its records are ours to write)."""
+
+    def started(self, checkpoint: Path | None, step: int) -> None:
+        """The start point is known: fresh (None, 0) or a checkpoint and its step."""
+
+
 def run(
     cfg: Config | Mapping[str, Any],
     stop_requested: Callable[[int], bool] | None = None,
-    on_start: Callable[[Path | None, int], None] | None = None,
+    hooks: RunHooks | None = None,
 ) -> RunResult:
     """Train as `cfg` says; resume first when a checkpoint applies. Returns what happened.
 
@@ -187,8 +205,8 @@ def run(
     `cfg.parallel`). The run directory is locked while it runs. After every optimizer step the
     ranks agree whether to stop: on SIGINT (Ctrl-C), SIGUSR1, SIGUSR2 or SIGTERM (a scheduler's
     warning), or when `stop_requested(step)` returns True on any rank, every rank saves a
-    checkpoint and returns. `on_start(checkpoint, step)` is called on every rank once the start
-    point is known (the launcher's bookkeeping).
+    checkpoint and returns. `hooks` hears when the run directory is ours and where the run
+    starts.
     """
     cfg = load_config(cfg, world_size=distributed.world_from_env().size)
     check_layout(cfg)
@@ -196,9 +214,11 @@ def run(
     manifest = resolve_dataset(cfg)
     check_inputs(cfg)
     run_dir = Path(cfg.run.dir)
+    hooks = hooks or RunHooks()
     lock = run_dir_lock(run_dir, world)
     try:
-        return _run(cfg, world, device, manifest, run_dir, stop_requested, on_start)
+        hooks.locked()
+        return _run(cfg, world, device, manifest, run_dir, stop_requested, hooks)
     finally:
         lock.release()
 
@@ -229,22 +249,22 @@ def _run(
     manifest: dict[str, Any] | None,
     run_dir: Path,
     stop_requested: Callable[[int], bool] | None,
-    on_start: Callable[[Path | None, int], None] | None,
+    hooks: RunHooks,
 ) -> RunResult:
     t = cfg.train
-    start, saved = choose_start(cfg)
-    if on_start is not None:
-        on_start(start.path, start.step)
-    if start.step >= t.max_steps:
+
+    def note(text: str) -> None:
         if world.is_main:
-            for note in start.notes:
-                print(note, flush=True)
-            print(
-                f"run.dir {run_dir} is already complete: step {start.step} of "
-                f"train.max_steps={t.max_steps} ({start.path}); nothing to do (raise "
-                "train.max_steps to train further, or use another run.dir)",
-                flush=True,
-            )
+            log_line(run_dir, text)
+
+    start, saved = choose_start(cfg, note)
+    hooks.started(start.path, start.step)
+    if start.step >= t.max_steps:
+        note(
+            f"run.dir {run_dir} is already complete: step {start.step} of "
+            f"train.max_steps={t.max_steps} ({start.path}); nothing to do (raise "
+            "train.max_steps to train further, or use another run.dir)"
+        )
         return RunResult(run_dir, start.step, start.path, last_checkpoint=start.path)
     if world.is_main:  # a read-only or full disk shows now, not at the first checkpoint
         run_files.check_writable(run_dir / run_files.CHECKPOINTS)
@@ -270,7 +290,7 @@ def _run(
     step, load_s = start.step, 0.0
     if saved is not None:
         loading = time.perf_counter()
-        checkpoint.load(start.path, pm.module, optimizer)
+        checkpoint.load(start.path, pm.module, optimizer, checked=True)
         load_s = time.perf_counter() - loading
         loader.load_state_dict(saved["data"])
         if saved["grad_scaler"] and scaler.is_enabled():
@@ -286,8 +306,6 @@ def _run(
     flops_per_step = flops_per_token(cfg.model, n_params) * tokens_per_step
     peak = peak_tflops(device, cfg.log.peak_tflops)
     p = cfg.parallel
-    for note in start.notes:
-        log.print(note)
     log.print(
         f"run {run_dir} | model {n_params / 1e6:.2f}M params | {world.size} x {device.type}"
         + (f" ({torch.get_num_threads()} threads each)" if device.type == "cpu" else "")
@@ -336,6 +354,7 @@ def _run(
             "world_size": world.size,
             "restarts": start.restarts,
             "logger_ids": logger_ids,
+            "origin": start.origin,
             "torch_version": torch.__version__,
         }
         pending = checkpoint.start_save(
@@ -378,6 +397,7 @@ def _run(
                     "grad_norm": grad_norm.item(),
                 }
                 if not math.isfinite(record["loss"]):
+                    finish_pending_save()  # a checkpoint in flight was checked when it began
                     finite_or_stop(non_finite, pm.module, step, result.last_checkpoint)
                 now = time.perf_counter()  # after the collectives: the window's work is done
                 step_time = (now - window_start) / window_steps
