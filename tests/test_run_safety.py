@@ -168,15 +168,23 @@ def test_validation_split_is_checked_before_the_first_step(tiny, tmp_path):
     assert not (Path(cfg["run"]["dir"]) / "checkpoints").exists()
 
 
-def test_cpu_threads_auto_leaves_a_core_for_the_loader(monkeypatch):
+def test_cpu_threads_auto_uses_the_free_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert distributed.cpu_threads(0, local_size=1) == 15
-    assert distributed.cpu_threads(0, local_size=4) == 3
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert distributed.cpu_threads(0, local_size=1) == 15  # one core left for the loader
+    assert distributed.cpu_threads(0, local_size=4) == 4
     assert distributed.cpu_threads(0, local_size=32) == 1
-    assert distributed.cpu_threads(5, local_size=4) == 5
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert distributed.cpu_threads(5, local_size=4) == 5  # asked for
+    monkeypatch.setattr(os, "getloadavg", lambda: (14.2, 0.0, 0.0))  # a busy machine
     assert distributed.cpu_threads(0, local_size=1) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert distributed.cpu_threads(0, local_size=1) == 2  # quiet 2 cores: both
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 0.0, 0.0))
+    assert distributed.cpu_threads(0, local_size=1) == 1  # loaded 2 cores: one
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert distributed.cpu_threads(0, local_size=1) == 3
 
 
 def test_the_thread_choice_is_in_the_first_line(tiny):
