@@ -15,7 +15,7 @@ import pytest
 from jobs import export as export_cli
 from jobs import generate as generate_cli
 from jobs.train import main as train_main
-from trainer import checkpoint
+from trainer import resume
 from trainer.checkpoint import CheckpointError
 from trainer.checkpoint_files import CHECKSUM, METADATA, checksum_file, read_metadata
 from trainer.run_dir import read_jsonl
@@ -228,7 +228,7 @@ def test_other_format_version_is_refused(trained, capsys):
     (folder / "trainer_state.json").write_text(json.dumps({**state, "format_version": 99}))
     reseal(folder)
     with pytest.raises(CheckpointError, match="format_version 99"):
-        checkpoint.resolve(folder)
+        resume.resolve(folder)
 
 
 def test_resume_path_must_name_a_step_folder(trained, tmp_path, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import checkpoint
+from trainer import checkpoint, resume
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
 from trainer.run_dir import METRICS, read_jsonl
@@ -86,7 +86,7 @@ def test_broken_checkpoint_is_never_picked_and_fails_clearly(tiny, how):
     assert broken.name == "step_6"
     assert checkpoint.latest(run_dir).name == "step_3"  # resume=auto skips it
     with pytest.raises(CheckpointError, match="step_6") as err:
-        checkpoint.resolve(broken)
+        resume.resolve(broken)
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError):
         run({**cfg, "resume": str(broken)})

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizers import BPE_FILE, Tokenizer, get_tokenizer
-from trainer import checkpoint
+from trainer import checkpoint, resume
 from trainer.config import ModelConfig
 from trainer.model import GPT, new_kv_cache
 
@@ -90,7 +90,7 @@ def generate(
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
     """The model of a checkpoint (a run directory's newest, or one folder) and its trainer
     state, with `checkpoint_dir` added (where files such as a trained tokenizer are)."""
-    folder = checkpoint.resolve(path)
+    folder = resume.resolve(path)
     state = {**checkpoint.read_trainer_state(folder), "checkpoint_dir": str(folder)}
     cfg = ModelConfig(**state["config"]["model"])
     cfg.dropout = 0.0

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import operator
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer import checkpoint
-from trainer.checkpoint import ResumeChoice
 from trainer.config import Config, ConfigError, to_dict
 
 # A checkpoint's weights fit only a model of the same shape, and its token ids only the same
@@ -39,6 +40,126 @@ NOTED_KEYS = (
 )
 
 
+@dataclass
+class ResumeChoice:
+    """The checkpoint to load (None: start fresh) and what was done to get there."""
+
+    path: Path | None
+    notes: list[str] = field(default_factory=list)  # one line each, for the run's log
+    # This run's checkpoints that an explicit resume=PATH abandons: moved aside by
+    # `set_aside()` once the resume has been accepted.
+    abandoned: list[Path] = field(default_factory=list)
+    origin: str | None = None  # the resume=PATH this run's line of checkpoints started from
+
+
+def newest_usable(run_dir: str | Path, move_damaged: bool = True) -> ResumeChoice:
+    """The newest checkpoint of a run that passes :func:`check` (collective).
+
+    Each newer one that is damaged is named with why and, with `move_damaged` (the trainer,
+    which holds the run's lock), moved aside so that it is neither pruned nor mistaken for the
+    run's history. Raises when the run has checkpoint folders but none passes (a run directory
+    is never silently started afresh), and on a checkpoint that must be refused, not skipped.
+    """
+    candidates = checkpoint.step_folders(run_dir)[
+        ::-1
+    ]  # listed before any collective: alike on all ranks
+    choice, damaged = ResumeChoice(None), []
+    for path in candidates:
+        problem = checkpoint.check(path)
+        if problem is None:
+            choice.path = path
+            break
+        choice.notes.append(f"skipping checkpoint {path.name}: {problem}")
+        damaged.append(path)
+    if candidates and choice.path is None:
+        raise checkpoint.CheckpointError(
+            f"run.dir {run_dir}: none of its {len(candidates)} checkpoint(s) can be resumed ("
+            + "; ".join(n.removeprefix("skipping checkpoint ") for n in choice.notes)
+            + "): move checkpoints/ away to start afresh, or use another run.dir"
+        )
+    if damaged and move_damaged:
+        where = checkpoint.move_aside(damaged, "broken")
+        checkpoint._barrier()
+        choice.notes.append(f"moved {', '.join(p.name for p in damaged)} aside to {where}")
+    return choice
+
+
+def explicit(path: str | Path, run_dir: str | Path) -> ResumeChoice:
+    """`resume=PATH`: that checkpoint (or a run directory's newest usable one), checked.
+
+    This run's checkpoints at or after its step are to be set aside (they belong to the
+    abandoned future). A job that is requeued or restarted repeats the same `resume=PATH`:
+    when this run's newest checkpoint already descends from PATH, the run continues from it.
+    """
+    origin = str(Path(path).resolve())
+    own = checkpoint.step_folders(run_dir)  # listed before any collective: alike on every rank
+    if own:
+        try:
+            mine = newest_usable(run_dir)
+        except checkpoint.CheckpointRefused:
+            raise
+        except checkpoint.CheckpointError:
+            mine = ResumeChoice(None)  # all damaged: PATH decides
+        if (
+            mine.path is not None
+            and checkpoint.read_trainer_state(mine.path).get("origin") == origin
+        ):
+            mine.origin = origin
+            mine.notes.append(
+                f"resume={path}: continuing this run from {mine.path.name}, which descends "
+                "from it (a restarted job)"
+            )
+            return mine
+    choice = resolve_choice(path)
+    assert choice.path is not None
+    choice.origin = origin
+    step = checkpoint.step_of(choice.path)
+    chosen = choice.path.resolve()
+    choice.abandoned = [p for p in own if checkpoint.step_of(p) >= step and p.resolve() != chosen]
+    return choice
+
+
+def set_aside(choice: ResumeChoice, run_dir: str | Path) -> str | None:
+    """Move the checkpoints an accepted explicit resume abandons (collective); one line."""
+    alive = [p for p in choice.abandoned if p.exists()]
+    if not choice.abandoned:
+        return None
+    where = checkpoint.move_aside(alive, "abandoned") if alive else None
+    checkpoint._barrier()
+    step = checkpoint.step_of(choice.path) if choice.path else 0
+    return (
+        f"resume={choice.origin}: this run continues from step {step}; its checkpoints "
+        f"{', '.join(p.name for p in choice.abandoned)} moved aside to {where}"
+    )
+
+
+def resolve_choice(path: str | Path) -> ResumeChoice:
+    """A run directory (its newest usable checkpoint) or one checkpoint folder, checked.
+    Reads only: a damaged checkpoint of that run is named, not moved."""
+    path = Path(path)
+    if checkpoint.checkpoints_root(path).is_dir() or (path / "config.yaml").is_file():
+        choice = newest_usable(path, move_damaged=False)
+        if choice.path is None:
+            raise checkpoint.CheckpointError(f"{path}: run directory has no checkpoint")
+        return choice
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(f"{path}: no such checkpoint folder or run directory")
+    checkpoint.step_of(path)  # a folder must be named step_<N>
+    problem = checkpoint.check(path)
+    if problem is not None:
+        raise checkpoint.CheckpointError(problem)
+    return ResumeChoice(path)
+
+
+def resolve(path: str | Path, log: Callable[[str], None] | None = None) -> Path:
+    """:func:`resolve_choice`'s checkpoint; its notes (skipped checkpoints) go to `log`."""
+    choice = resolve_choice(path)
+    for note in choice.notes:
+        (log or print)(note)
+    assert choice.path is not None
+    return choice.path
+
+
 def choose(cfg: Config) -> ResumeChoice:
     """The checkpoint to start from (collective: the ranks share the checksum work)."""
     run_dir = Path(cfg.run.dir)
@@ -52,8 +173,8 @@ def choose(cfg: Config) -> ResumeChoice:
             )
         return ResumeChoice(None)
     if cfg.resume == "auto":
-        return checkpoint.newest_usable(run_dir)
-    return checkpoint.explicit(cfg.resume, run_dir)
+        return newest_usable(run_dir)
+    return explicit(cfg.resume, run_dir)
 
 
 def _get(config: dict[str, Any], key: str) -> Any:

@@ -141,7 +141,7 @@ def choose_start(cfg: Config, note: Callable[[str], None]) -> tuple[Start, dict[
     changes = resume.compare(cfg, saved, choice.path, explicit=cfg.resume not in ("auto", "none"))
     if changes:
         note("resuming with changes: " + "; ".join(changes))
-    moved = checkpoint.set_aside(choice, cfg.run.dir)  # only once the resume is accepted
+    moved = resume.set_aside(choice, cfg.run.dir)  # only once the resume is accepted
     if moved:
         note(moved)
     start.origin = choice.origin or saved.get("origin")
