@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.cli import errors_as_one_line
-from trainer import checkpoint
+from trainer import checkpoint, resume
 from trainer.run_dir import CONFIG, JOBS, METRICS, read_jsonl
 
 
@@ -39,13 +39,8 @@ def usable_checkpoint(run_dir: Path, verify: bool) -> tuple[Path | None, list[st
     """The checkpoint `resume=auto` would take, and why each newer one would be skipped."""
     if not verify:
         return checkpoint.latest(run_dir), []
-    problems = []
-    for folder in reversed(checkpoint.step_folders(run_dir)):
-        problem = checkpoint.check(folder)
-        if problem is None:
-            return folder, problems
-        problems.append(f"{folder.name}: {problem}")
-    return None, problems
+    path, damaged = resume.scan(run_dir)
+    return path, [f"{p.name}: {why}" for p, why in damaged]
 
 
 def run_state(run_dir: Path, verify: bool = True) -> dict[str, Any]:

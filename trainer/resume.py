@@ -52,35 +52,40 @@ class ResumeChoice:
     origin: str | None = None  # the resume=PATH this run's line of checkpoints started from
 
 
+def scan(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that passes :func:`checkpoint.check`, and each newer,
+    damaged one with why (collective: the folders are listed before any collective, so alike
+    on every rank). Raises on a checkpoint that must be refused, not skipped."""
+    damaged = []
+    for path in checkpoint.step_folders(run_dir)[::-1]:
+        problem = checkpoint.check(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
 def newest_usable(run_dir: str | Path, move_damaged: bool = True) -> ResumeChoice:
-    """The newest checkpoint of a run that passes :func:`check` (collective).
+    """The newest checkpoint of a run that passes :func:`checkpoint.check` (collective).
 
     Each newer one that is damaged is named with why and, with `move_damaged` (the trainer,
     which holds the run's lock), moved aside so that it is neither pruned nor mistaken for the
     run's history. Raises when the run has checkpoint folders but none passes (a run directory
     is never silently started afresh), and on a checkpoint that must be refused, not skipped.
     """
-    candidates = checkpoint.step_folders(run_dir)[
-        ::-1
-    ]  # listed before any collective: alike on all ranks
-    choice, damaged = ResumeChoice(None), []
-    for path in candidates:
-        problem = checkpoint.check(path)
-        if problem is None:
-            choice.path = path
-            break
-        choice.notes.append(f"skipping checkpoint {path.name}: {problem}")
-        damaged.append(path)
-    if candidates and choice.path is None:
+    path, damaged = scan(run_dir)
+    choice = ResumeChoice(path, [f"skipping checkpoint {p.name}: {why}" for p, why in damaged])
+    if path is None and damaged:
         raise checkpoint.CheckpointError(
-            f"run.dir {run_dir}: none of its {len(candidates)} checkpoint(s) can be resumed ("
-            + "; ".join(n.removeprefix("skipping checkpoint ") for n in choice.notes)
+            f"run.dir {run_dir}: none of its {len(damaged)} checkpoint(s) can be resumed ("
+            + "; ".join(f"{p.name}: {why}" for p, why in damaged)
             + "): move checkpoints/ away to start afresh, or use another run.dir"
         )
     if damaged and move_damaged:
-        where = checkpoint.move_aside(damaged, "broken")
+        folders = [p for p, _ in damaged]
+        where = checkpoint.move_aside(folders, "broken")
         checkpoint._barrier()
-        choice.notes.append(f"moved {', '.join(p.name for p in damaged)} aside to {where}")
+        choice.notes.append(f"moved {', '.join(p.name for p in folders)} aside to {where}")
     return choice
 
 

@@ -116,13 +116,20 @@ class RunDirLock:
                 f"run.dir {self.path.parent} is in use by another trainer ({holder}); "
                 "wait for it to end, or use another run.dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, describe_holder().encode())
-        self._fd = fd
+        self._fd = fd  # held: release() lets go, also if naming the holder fails below
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, describe_holder().encode())
+        except OSError:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            try:
+                os.ftruncate(self._fd, 0)  # no holder named any more
+            except OSError:
+                pass  # e.g. the disk went read-only: the lock still goes with the descriptor
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 

@@ -224,15 +224,14 @@ def run(
 
 
 def run_dir_lock(run_dir: Path, world: distributed.World) -> RunDirLock:
-    """Rank 0 locks the run directory; every rank gets
-    the same answer, so a refused job ends on every rank with the same one line."""
+    """Rank 0 locks the run directory; every rank gets the same answer, so a refused job ends
+    on every rank with the same one line."""
     lock = RunDirLock(run_dir)
     refusal = None
     if world.is_main:
         try:
             lock.acquire()
         except (RunDirError, OSError) as err:
-            lock.release()
             refusal = err
     refusals = distributed.all_gather_objects(str(refusal) if refusal else None)
     if refusal is not None:
