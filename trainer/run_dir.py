@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data_prep.shards import atomic_output
+
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 TRAIN_LOG = "train.log"
@@ -75,13 +77,10 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
 
 def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace a JSONL file with `records` atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def named(err: OSError, path: str | Path) -> OSError:
