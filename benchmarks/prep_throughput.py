@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, append_results
 from data_prep import prep
-from data_prep.config import DataConfig
+from data_prep.config import corpus_config
 from data_prep.tokenizers import get_tokenizer
 
 
@@ -53,9 +53,8 @@ def make_corpus(path: Path, megabytes: float) -> int:
 
 
 def run_ours(corpus: Path, out: Path, workers: int) -> tuple[float, int, int]:
-    cfg = DataConfig(
+    cfg = corpus_config(
         name="bench",
-        kind="shards",
         out=str(out),
         input=[str(corpus)],
         tokenizer="gpt2",

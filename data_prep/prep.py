@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.config import DOC_SEPARATORS, INPUT_FORMATS, DataConfig
+from data_prep.config import DOC_SEPARATORS, INPUT_FORMATS, CorpusConfig
 from data_prep.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -69,7 +69,7 @@ SHARD_SETTINGS = (
 )
 
 
-def check_prep_config(cfg: DataConfig) -> None:
+def check_prep_config(cfg: CorpusConfig) -> None:
     """One-line errors for settings dlt-prep cannot work with."""
     if not cfg.out:
         raise DataError("data.out: where to write the shards is not set")
@@ -91,11 +91,11 @@ def check_prep_config(cfg: DataConfig) -> None:
         raise DataError(f"data.bpe_vocab_size={cfg.bpe_vocab_size}: must be at least 258")
 
 
-def settings_of(cfg: DataConfig) -> dict[str, Any]:
+def settings_of(cfg: CorpusConfig) -> dict[str, Any]:
     return {key: getattr(cfg, key) for key in SHARD_SETTINGS}
 
 
-def plan(cfg: DataConfig) -> list[Chunk]:
+def plan(cfg: CorpusConfig) -> list[Chunk]:
     """The chunks of the corpus: from plan.json when inputs and settings are unchanged."""
     check_prep_config(cfg)
     out = Path(cfg.out)
@@ -181,7 +181,7 @@ def read_plan(out: Path) -> dict[str, Any]:
         ) from None
 
 
-def prepare_tokenizer(cfg: DataConfig, chunks: list[Chunk]) -> Tokenizer:
+def prepare_tokenizer(cfg: CorpusConfig, chunks: list[Chunk]) -> Tokenizer:
     """The tokenizer; for `bpe`, trained here first (once) on up to bpe_train_mb of text."""
     out = Path(cfg.out)
     if cfg.tokenizer == "bpe" and not (out / BPE_FILE).is_file():
@@ -203,7 +203,7 @@ def prepare_tokenizer(cfg: DataConfig, chunks: list[Chunk]) -> Tokenizer:
     return get_tokenizer(cfg.tokenizer, out)
 
 
-def bpe_training_text(cfg: DataConfig, chunks: list[Chunk], report: bool) -> Iterator[str]:
+def bpe_training_text(cfg: CorpusConfig, chunks: list[Chunk], report: bool) -> Iterator[str]:
     """Training documents up to data.bpe_train_mb; `report`: a plain progress line every 10%
     of that (for log files) and one when all is read."""
     budget = int(cfg.bpe_train_mb * 2**20)
@@ -254,7 +254,7 @@ def tokenize(docs: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarr
 
 
 def process_chunk(
-    cfg: DataConfig, chunks: list[Chunk], index: int, tokenizer: Tokenizer
+    cfg: CorpusConfig, chunks: list[Chunk], index: int, tokenizer: Tokenizer
 ) -> dict[str, Any]:
     """Tokenize chunk `index` into its shards (skipped if already intact); returns its record."""
     out = Path(cfg.out)
@@ -293,7 +293,7 @@ def process_chunk(
     return {**record, "skipped": False}
 
 
-def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict[str, Any]:
+def finalize(cfg: CorpusConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict[str, Any]:
     """Check every chunk's shards and write manifest.json (atomically, last)."""
     out = Path(cfg.out)
     splits = {s: {"num_tokens": 0, "num_documents": 0, "shards": []} for s in SPLITS}
@@ -335,7 +335,7 @@ def finalize(cfg: DataConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> dict
 
 
 def no_training_documents(
-    cfg: DataConfig, chunks: list[Chunk], held_out: int, val: dict, skipped: dict[str, int]
+    cfg: CorpusConfig, chunks: list[Chunk], held_out: int, val: dict, skipped: dict[str, int]
 ) -> str:
     """Why the training split is empty, in one line."""
     if held_out:
@@ -363,8 +363,8 @@ def no_training_documents(
 
 
 @cache
-def _worker_state(cfg_items: tuple) -> tuple[DataConfig, list[Chunk], Tokenizer]:
-    cfg = DataConfig(**dict(cfg_items))
+def _worker_state(cfg_items: tuple) -> tuple[CorpusConfig, list[Chunk], Tokenizer]:
+    cfg = CorpusConfig(**dict(cfg_items))
     chunks = [Chunk(**c) for c in read_plan(Path(cfg.out))["chunks"]]
     return cfg, chunks, get_tokenizer(cfg.tokenizer, cfg.out)
 
@@ -375,7 +375,7 @@ def _run_one(args: tuple[tuple, int]) -> dict[str, Any]:
     return process_chunk(cfg, chunks, index, tokenizer)
 
 
-def _frozen(cfg: DataConfig) -> tuple:
+def _frozen(cfg: CorpusConfig) -> tuple:
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in asdict(cfg).items())
 
 
@@ -383,7 +383,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_chunks(cfg: DataConfig, indices: list[int], workers: int) -> list[dict[str, Any]]:
+def run_chunks(cfg: CorpusConfig, indices: list[int], workers: int) -> list[dict[str, Any]]:
     """Process chunks in a pool of `workers` processes, with a progress display."""
     items = [(_frozen(cfg), i) for i in indices]
     tty = sys.stderr.isatty()
@@ -425,7 +425,7 @@ class _InProcess:
         return map(fn, items)
 
 
-def run_local(cfg: DataConfig, workers: int = 0) -> dict[str, Any]:
+def run_local(cfg: CorpusConfig, workers: int = 0) -> dict[str, Any]:
     """Prepare the dataset at `cfg.out` on this machine; returns the manifest."""
     chunks = plan(cfg)
     out = Path(cfg.out)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import BinaryIO
 
-from data_prep.config import DataConfig
+from data_prep.config import CorpusConfig
 
 ENDOFTEXT = "<|endoftext|>"
 SEPARATORS = {"eot": ENDOFTEXT.encode(), "line": b"\n", "blank_line": b"\n\n"}
@@ -154,7 +154,7 @@ def chunk_starts(f: BinaryIO, separator: bytes, chunk_bytes: int) -> tuple[list[
     return starts, total
 
 
-def plan_file(path: str, fmt: str, split: str, cfg: DataConfig) -> list[Chunk]:
+def plan_file(path: str, fmt: str, split: str, cfg: CorpusConfig) -> list[Chunk]:
     separator = b"\n" if fmt == "jsonl" else SEPARATORS[cfg.doc_separator]
     with reading(path), open_binary(path) as f:
         starts, total = chunk_starts(f, separator, max(1, int(cfg.chunk_mb * 2**20)))
@@ -176,7 +176,7 @@ def load_hf_dataset(spec: str, split: str):
         raise DataError(f"{spec}: cannot load the dataset ({message})") from None
 
 
-def plan_hf(spec: str, split: str, cfg: DataConfig) -> list[Chunk]:
+def plan_hf(spec: str, split: str, cfg: CorpusConfig) -> list[Chunk]:
     ds = load_hf_dataset(spec, cfg.hf_split)
     if cfg.text_field not in ds.column_names:
         raise DataError(
@@ -190,7 +190,7 @@ def plan_hf(spec: str, split: str, cfg: DataConfig) -> list[Chunk]:
     return [Chunk(spec, "hf", split, s, min(n, s + rows)) for s in range(0, n, rows)]
 
 
-def all_inputs(cfg: DataConfig) -> list[tuple[str, str]]:
+def all_inputs(cfg: CorpusConfig) -> list[tuple[str, str]]:
     """(source, split) of every input: training inputs first, then validation inputs."""
     return [
         (source, split)
@@ -202,7 +202,7 @@ def all_inputs(cfg: DataConfig) -> list[tuple[str, str]]:
     ]
 
 
-def plan_chunks(inputs: list[tuple[str, str]], cfg: DataConfig) -> list[Chunk]:
+def plan_chunks(inputs: list[tuple[str, str]], cfg: CorpusConfig) -> list[Chunk]:
     """Every chunk of the corpus, in a fixed order."""
     chunks: list[Chunk] = []
     for source, split in inputs:
@@ -269,7 +269,7 @@ def line_number(path: str, offset: int) -> int:
     return newlines + 1
 
 
-def read_chunk(chunk: Chunk, cfg: DataConfig) -> Documents:
+def read_chunk(chunk: Chunk, cfg: CorpusConfig) -> Documents:
     """The documents of `chunk`."""
     if chunk.format == "hf":
         ds = load_hf_dataset(chunk.source, cfg.hf_split)
@@ -287,7 +287,7 @@ def read_chunk(chunk: Chunk, cfg: DataConfig) -> Documents:
     return Documents(split_text(_decode(data, chunk), cfg.doc_separator), {})
 
 
-def iter_documents(chunks: list[Chunk], cfg: DataConfig) -> Iterator[str]:
+def iter_documents(chunks: list[Chunk], cfg: CorpusConfig) -> Iterator[str]:
     for chunk in chunks:
         yield from read_chunk(chunk, cfg).texts
 

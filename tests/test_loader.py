@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data_prep import prep
-from data_prep.config import DataConfig
+from data_prep.config import corpus_config
 from data_prep.shards import MANIFEST, DatasetError
 from data_prep.tokenizers import BPE_FILE
 from jobs import generate as generate_cli
@@ -53,9 +53,7 @@ def make_dataset(folder: Path, docs: list[str], tokenizer: str = "bytes", **kw) 
     out = folder / "ds"
     settings = dict(
         name="t",
-        kind="shards",
         out=str(out),
-        path=str(out),
         input=[str(corpus)],
         tokenizer=tokenizer,
         chunk_mb=0.0002,  # ~200 bytes per shard
@@ -63,7 +61,7 @@ def make_dataset(folder: Path, docs: list[str], tokenizer: str = "bytes", **kw) 
         bpe_vocab_size=300,
     )
     settings.update(kw)
-    prep.run_local(DataConfig(**settings), workers=1)
+    prep.run_local(corpus_config(**settings), workers=1)
     return out
 
 

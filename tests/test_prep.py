@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from data_prep import prep, sources
-from data_prep.config import DataConfig
+from data_prep.config import TRAINER_KEYS, CorpusConfig, CorpusConfigError, corpus_config
 from data_prep.shards import MANIFEST
 from data_prep.sources import DataError, chunk_starts, open_binary, plan_file
 from data_prep.tokenizers import BPE_FILE, get_tokenizer, load_bpe, save_bpe, train_bpe
@@ -95,12 +96,10 @@ def jsonl_corpus(seed: int) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", docs
 
 
-def data_config(tmp: Path, inputs: list[str], tokenizer: str = "bytes", **kw) -> DataConfig:
+def data_config(tmp: Path, inputs: list[str], tokenizer: str = "bytes", **kw) -> CorpusConfig:
     settings = dict(
         name="t",
-        kind="shards",
         out=str(tmp / "ds"),
-        path=str(tmp / "ds"),
         input=inputs,
         tokenizer=tokenizer,
         doc_separator="eot",
@@ -110,7 +109,7 @@ def data_config(tmp: Path, inputs: list[str], tokenizer: str = "bytes", **kw) ->
         bpe_vocab_size=300,
     )
     settings.update(kw)
-    return DataConfig(**settings)
+    return corpus_config(**settings)
 
 
 def tokenizer_of(out: Path, manifest: dict):
@@ -145,7 +144,7 @@ def tree_bytes(out: Path, exclude: tuple[str, ...] = ("plan.json",)) -> dict[str
 
 
 def build_source(kind: str, tmp: Path) -> tuple[list[str], list[str], dict]:
-    """(inputs, expected documents, extra DataConfig settings) of one source kind."""
+    """(inputs, expected documents, extra CorpusConfig settings) of one source kind."""
     if kind.startswith("txt"):
         separator = {"txt-line": "line", "txt-blank_line": "blank_line"}.get(kind, "eot")
         text, docs = text_corpus(separator, seed=len(kind))
@@ -698,7 +697,7 @@ def test_a_new_plan_does_not_reuse_a_stale_trained_tokenizer(tmp_path, change):
         second = dataclasses.replace(first, input=[str(b)])
     else:
         second = dataclasses.replace(first, bpe_vocab_size=400)
-    fresh = dataclasses.replace(second, out=str(tmp_path / "fresh"), path=str(tmp_path / "fresh"))
+    fresh = dataclasses.replace(second, out=str(tmp_path / "fresh"))
     expected = prep.run_local(fresh, workers=1)["tokenizer"]
     try:
         manifest = prep.run_local(second, workers=1)
@@ -767,3 +766,44 @@ def test_trained_bpe_encodes_like_hugging_face(tmp_path):
         assert ids == hf.encode(text).ids, text
         assert ours.decode(ids) == text
     assert ours.encode("a" + EOT + "b")[1] == ours.eot_id
+
+
+# --- 9. the prep config ---------------------------------------------------------------------
+
+BASE_YAML = Path(__file__).parents[1] / "cluster_configs" / "data" / "base.yaml"
+
+
+def test_corpus_config_is_data_base_yaml_key_by_key():
+    """data/base.yaml is the one source of the values: the dataclass declares types only."""
+    base = OmegaConf.to_container(OmegaConf.load(BASE_YAML), resolve=True)
+    keys = [f.name for f in dataclasses.fields(CorpusConfig)]
+    assert sorted(keys + list(TRAINER_KEYS)) == sorted(base)  # every key of base.yaml, once
+    cfg = corpus_config()
+    for key in keys:
+        assert getattr(cfg, key) == base[key], key
+    assert cfg.out == f"data/{cfg.name}"  # `out: data/${.name}` resolved
+    assert corpus_config(name="x").out == "data/x"  # ... after the overrides
+    for f in dataclasses.fields(CorpusConfig):
+        assert f.default is dataclasses.MISSING, f.name
+        assert f.default_factory is dataclasses.MISSING, f.name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [({"chunk_mbb": 1}, "data.chunk_mbb"), ({"chunk_mb": "big"}, "data.chunk_mb"),
+     ({"path": "x"}, "data.path"), ({"input": 3}, "data.input")],
+)  # fmt: skip
+def test_corpus_config_errors_name_the_key(overrides, key):
+    with pytest.raises(CorpusConfigError) as err:
+        corpus_config(**overrides)
+    assert str(err.value).startswith(f"{key}: ") and "\n" not in str(err.value)
+
+
+def test_trainer_keys_pass_dlt_prep_but_a_misspelt_prep_key_does_not(tmp_path, capsys):
+    corpus = write(tmp_path / "c.txt", b"hello")
+    trainer_keys = ("data.kind=shards", "data.vocab_size=300", "data.dummy_branching=2")
+    code, _, err = run_cli(capsys, *cli_args(tmp_path / "ds", [corpus], *trainer_keys))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *cli_args(tmp_path / "ds2", [corpus], "+data.chunk_mbb=1"))
+    assert "data.chunk_mbb" in assert_one_line_error(code, err)
+    assert not (tmp_path / "ds2").exists()
