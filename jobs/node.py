@@ -1,7 +1,8 @@
 """One node's share of a SLURM training job: `torchrun` with a c10d rendezvous.
 
-Both routes run this once per node (`srun --ntasks-per-node=1` in `sbatch/train.sbatch`, one
-submitit task per node in `jobs/submit.py`). It becomes, on every node of the allocation:
+Both routes run this once per node: `srun --ntasks-per-node=1` in `sbatch/train.sbatch`, or
+one submitit `TrainTask` (below) per node, as `jobs/submit.py` submits it. It becomes, on every
+node of the allocation:
 
     torchrun --nnodes=$SLURM_JOB_NUM_NODES --nproc-per-node=P \\
              --rdzv-backend=c10d --rdzv-endpoint=<first node's address>:<port> \\
@@ -25,6 +26,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
+from typing import Any
 
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
@@ -90,6 +94,73 @@ def ignore_warning_signals() -> None:
     through exec; the training processes install their own handlers)."""
     for sig in WARNING_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+class TrainTask:
+    """The function submitit runs once per node: torchrun (`torchrun_command`) as a child.
+
+    submitit's protocol: on the warning signal (USR2 for submitit jobs) submitit's handler
+    calls `checkpoint()` in the first task, then requeues the job. The training processes got
+    the same signal and are writing their checkpoint, so this task puts a handler of its own in
+    front of submitit's: wait for torchrun to exit (at most `stop_timeout_s`), then let
+    submitit requeue. `checkpoint()` hands submitit a fresh copy of this task, which resumes
+    from that checkpoint. (The same front handler makes Hydra's submitit launcher, whose own
+    `checkpoint()` requeues at once, wait too.)
+    """
+
+    def __init__(
+        self,
+        overrides: list[str],
+        procs_per_node: int,
+        max_restarts: int,
+        stop_timeout_s: float = 600,
+    ):
+        self.overrides = list(overrides)
+        self.procs_per_node = procs_per_node
+        self.max_restarts = max_restarts
+        self.stop_timeout_s = stop_timeout_s
+
+    def __call__(self) -> str:
+        import submitit
+
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # meant for the training processes
+        prepare_environment(self.procs_per_node)
+        job = submitit.JobEnvironment()
+        outcome_file = Path(job.paths.folder) / f"{job.job_id}.outcome"
+        outcome_file.unlink(missing_ok=True)
+        env = {**os.environ, "DLT_OUTCOME_FILE": str(outcome_file)}
+        command = torchrun_command(self.overrides, self.procs_per_node, self.max_restarts)
+        # A helper thread waits for torchrun, so that the signal handler (which runs on this
+        # thread) can wait for it too without a deadlock.
+        done = threading.Event()
+        submitits_handler = signal.getsignal(signal.SIGUSR2)
+
+        def wait_then_requeue(signum: int, frame: Any) -> None:
+            done.wait(self.stop_timeout_s)  # the training processes are saving
+            if callable(submitits_handler):
+                submitits_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR2, wait_then_requeue)
+        proc = subprocess.Popen(command, env=env, preexec_fn=ignore_warning_signals)
+        returncode: list[int] = []
+        threading.Thread(
+            target=lambda: (returncode.append(proc.wait()), done.set()), daemon=True
+        ).start()
+        while not done.wait(1.0):
+            pass
+        signal.signal(signal.SIGUSR2, submitits_handler)
+        outcome = outcome_file.read_text().strip() if outcome_file.exists() else "failed"
+        if outcome == "failed" or returncode[0] != 0:
+            raise RuntimeError(f"training failed (torchrun exit {returncode[0]}); see the log")
+        return outcome
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        import submitit
+
+        fresh = TrainTask(
+            self.overrides, self.procs_per_node, self.max_restarts, self.stop_timeout_s
+        )
+        return submitit.helpers.DelayedSubmission(fresh)
 
 
 def main(argv: list[str] | None = None) -> None:

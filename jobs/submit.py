@@ -1,113 +1,37 @@
 """Submitting to SLURM from a login node: a cluster profile -> sbatch script or submitit job.
 
-A cluster profile (`cluster_configs/cluster/<name>.yaml`, chosen with `cluster=<name>`) says
-where and how a job runs: partition, account, nodes, GPUs, time limit, signal lead time, setup
-lines. Two routes read it:
+A cluster profile (`jobs/profile.py`; `cluster_configs/cluster/<name>.yaml`, chosen with
+`cluster=<name>`) says where and how a job runs: partition, account, nodes, GPUs, time limit,
+signal lead time, setup lines. Two routes read it:
 
 - `cluster.launcher=sbatch`: the profile's `#SBATCH` lines + settings are put in front of the
   body of `sbatch/train.sbatch` (the same script users submit by hand); the filled script is
   written to `<log_dir>/` and submitted with `sbatch`.
 - `cluster.launcher=submitit` (default): submitit writes and submits the job; each node runs
-  `jobs.node` (torchrun) and submitit's checkpoint/requeue protocol handles preemption.
+  `jobs.node.TrainTask` (torchrun) and submitit's checkpoint/requeue protocol handles
+  preemption.
 
 Safety: configuration values are data, never shell. Every value that reaches the shell part of
 a script is quoted with `shlex.quote`; `#SBATCH` lines are read by sbatch, not by the shell,
 and a value that could break out of its line (a newline or other control character) is
-refused. Only `setup` lines are shell, by design (`module load ...`, `conda activate ...`).
+refused (`jobs.profile.check_profile`). Only `setup` lines are shell, by design (`module load ...`, `conda activate ...`).
 """
 
 from __future__ import annotations
 
-import os
-import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from jobs.cli import LAUNCH_KEYS
+from jobs.node import TrainTask
+from jobs.profile import ClusterProfile
 from trainer.config import ConfigError
 
-LAUNCHERS = ("submitit", "sbatch")
 BODY_MARKER = "# ---- body:"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=|$)")
-
-
-@dataclass
-class ClusterProfile:
-    """`cluster.*` keys. `name=local` means: no SLURM, run on this machine."""
-
-    name: str = "local"
-    launcher: str = "submitit"  # submitit | sbatch
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: CPU nodes
-    procs_per_node: int | None = None  # training processes per node; default GPUs (or 1)
-    cpus_per_task: int | None = None  # CPUs for a node's task (all of its processes)
-    mem: str | None = None  # per node, e.g. 200G; null = the partition's default
-    time_min: int = 60  # time limit in minutes
-    signal_lead_s: int = 120  # warning signal this many seconds before the time limit
-    max_restarts: int = 1  # after a failure (an exception), torchrun restarts at most this often
-    max_requeues: int = 100  # preemptions / time limits survived (submitit's max_num_timeout)
-    job_name: str = "dlt-train"
-    prep_job_name: str = "dlt-prep"
-    log_dir: str = "logs"
-    python: str | None = None  # the Python with this project on the nodes; null = this one
-    setup: list[str] = field(default_factory=list)  # shell lines run first on the first node
-    sbatch_extra: list[str] = field(default_factory=list)  # more options: "--constraint=a100"
-    array_tasks: int = 4  # dlt-prep: tasks of the chunk array
-
-    @property
-    def is_local(self) -> bool:
-        return self.name == "local"
-
-    @property
-    def processes_per_node(self) -> int:
-        return self.procs_per_node or max(1, self.gpus_per_node)
-
-
-def check_profile(p: ClusterProfile, dry_run: bool = False) -> None:
-    """One-line errors for values that cannot work or could escape their line."""
-    if dry_run and p.is_local:
-        raise ConfigError("dry_run=true needs a SLURM profile (cluster=<profile>)")
-    if p.launcher not in LAUNCHERS:
-        raise ConfigError(
-            f"cluster.launcher={p.launcher!r}: expected one of {', '.join(LAUNCHERS)}"
-        )
-    for f in fields(p):
-        value = getattr(p, f.name)
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and _CONTROL.search(item):
-                raise ConfigError(
-                    f"cluster.{f.name}={item!r}: must be one line without control characters"
-                )
-    for key in ("nodes", "time_min", "array_tasks"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"cluster.{key}={getattr(p, key)}: must be >= 1")
-    for key in ("gpus_per_node", "signal_lead_s", "max_restarts", "max_requeues"):
-        if getattr(p, key) < 0:
-            raise ConfigError(f"cluster.{key}={getattr(p, key)}: must be >= 0")
-    if p.signal_lead_s >= p.time_min * 60:
-        raise ConfigError(
-            f"cluster.signal_lead_s={p.signal_lead_s}: must be shorter than the time limit "
-            f"(cluster.time_min={p.time_min})"
-        )
-    for line in p.sbatch_extra:
-        if not _OPTION.match(line):
-            raise ConfigError(
-                f"cluster.sbatch_extra: {line!r}: expected an option like --key=value"
-            )
-    for key in ("procs_per_node", "cpus_per_task"):
-        if getattr(p, key) is not None and getattr(p, key) < 1:
-            raise ConfigError(f"cluster.{key}={getattr(p, key)}: must be >= 1 (or null)")
 
 
 def sbatch_line(option: str, value: Any = None) -> str:
@@ -303,75 +227,6 @@ def submitit_parameters(p: ClusterProfile) -> dict[str, Any]:
     if p.cpus_per_task:  # srun does not inherit --cpus-per-task from sbatch (SLURM >= 22.05)
         params["slurm_srun_args"] = [f"--cpus-per-task={p.cpus_per_task}"]
     return params
-
-
-class TrainTask:
-    """The function submitit runs once per node: torchrun (as `jobs.node` builds it) as a child.
-
-    submitit's protocol: on the warning signal (USR2 for submitit jobs) submitit's handler
-    calls `checkpoint()` in the first task, then requeues the job. The training processes got
-    the same signal and are writing their checkpoint, so this task puts a handler of its own in
-    front of submitit's: wait for torchrun to exit (at most `stop_timeout_s`), then let
-    submitit requeue. `checkpoint()` hands submitit a fresh copy of this task, which resumes
-    from that checkpoint. (The same front handler makes Hydra's submitit launcher, whose own
-    `checkpoint()` requeues at once, wait too.)
-    """
-
-    def __init__(
-        self,
-        overrides: list[str],
-        procs_per_node: int,
-        max_restarts: int,
-        stop_timeout_s: float = 600,
-    ):
-        self.overrides = list(overrides)
-        self.procs_per_node = procs_per_node
-        self.max_restarts = max_restarts
-        self.stop_timeout_s = stop_timeout_s
-
-    def __call__(self) -> str:
-        import submitit
-
-        from jobs.node import ignore_warning_signals, prepare_environment, torchrun_command
-
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # meant for the training processes
-        prepare_environment(self.procs_per_node)
-        job = submitit.JobEnvironment()
-        outcome_file = Path(job.paths.folder) / f"{job.job_id}.outcome"
-        outcome_file.unlink(missing_ok=True)
-        env = {**os.environ, "DLT_OUTCOME_FILE": str(outcome_file)}
-        command = torchrun_command(self.overrides, self.procs_per_node, self.max_restarts)
-        # A helper thread waits for torchrun, so that the signal handler (which runs on this
-        # thread) can wait for it too without a deadlock.
-        done = threading.Event()
-        submitits_handler = signal.getsignal(signal.SIGUSR2)
-
-        def wait_then_requeue(signum: int, frame: Any) -> None:
-            done.wait(self.stop_timeout_s)  # the training processes are saving
-            if callable(submitits_handler):
-                submitits_handler(signum, frame)
-
-        signal.signal(signal.SIGUSR2, wait_then_requeue)
-        proc = subprocess.Popen(command, env=env, preexec_fn=ignore_warning_signals)
-        returncode: list[int] = []
-        threading.Thread(
-            target=lambda: (returncode.append(proc.wait()), done.set()), daemon=True
-        ).start()
-        while not done.wait(1.0):
-            pass
-        signal.signal(signal.SIGUSR2, submitits_handler)
-        outcome = outcome_file.read_text().strip() if outcome_file.exists() else "failed"
-        if outcome == "failed" or returncode[0] != 0:
-            raise RuntimeError(f"training failed (torchrun exit {returncode[0]}); see the log")
-        return outcome
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        import submitit
-
-        fresh = TrainTask(
-            self.overrides, self.procs_per_node, self.max_restarts, self.stop_timeout_s
-        )
-        return submitit.helpers.DelayedSubmission(fresh)
 
 
 # -------------------------------------------------------------------------------------- prep

@@ -21,7 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_schema, too_many_digits, training_dict
-from jobs.submit import ClusterProfile, TrainTask, strip_cluster_overrides
+from jobs.node import TrainTask
+from jobs.profile import ClusterProfile
+from jobs.submit import strip_cluster_overrides
 from trainer.config import ConfigError, load_config
 
 

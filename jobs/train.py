@@ -35,7 +35,8 @@ from jobs.cli import (
     training_dict,
     wants_help,
 )
-from jobs.submit import ClusterProfile, check_profile, submit_training
+from jobs.profile import ClusterProfile, check_profile
+from jobs.submit import submit_training
 from trainer import distributed
 from trainer import run_dir as run_files
 from trainer.config import Config, ConfigError, load_config

@@ -12,13 +12,8 @@ import pytest
 
 from jobs import status
 from jobs.prep import chunk_range
-from jobs.submit import (
-    BODY_MARKER,
-    ClusterProfile,
-    check_profile,
-    submitit_parameters,
-    train_script,
-)
+from jobs.profile import ClusterProfile, check_profile
+from jobs.submit import BODY_MARKER, submitit_parameters, train_script
 from trainer.config import ConfigError
 
 HOSTILE = "x'\"$(touch {canary})`touch {canary}`;touch {canary}"
