@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from data_prep import prep
-from data_prep.config import DataConfig
+from data_prep.config import CorpusConfig, prep_keys
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from jobs.profile import ClusterProfile, check_profile
 from jobs.submit import submit_prep
@@ -25,7 +25,7 @@ PHASES = ("all", "plan", "chunks", "finalize")
 
 @dataclass
 class PrepConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: CorpusConfig
     tokenizer: str | None = None
     workers: int = 0
     phase: str = "all"
@@ -39,7 +39,9 @@ def parse(argv: list[str]) -> tuple[PrepConfig, ClusterProfile, bool]:
     dry_run = bool(composed.get("dry_run", False))
     check_profile(profile, dry_run)
     keep = [k for k in composed if k not in ("cluster", "dry_run")]
-    cfg = to_schema(PrepConfig, OmegaConf.masked_copy(composed, keep))
+    selected = OmegaConf.masked_copy(composed, keep)
+    selected.data = prep_keys(selected.data)  # the trainer's keys of the shared section
+    cfg = to_schema(PrepConfig, selected)
     if cfg.phase not in PHASES:
         raise ConfigError(f"phase={cfg.phase!r}: expected one of {', '.join(PHASES)}")
     if cfg.workers < 0:
