@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from data_prep.files import write_text_atomic
+
 RESULTS = Path(__file__).with_name("results.md")
 
 
@@ -28,7 +30,8 @@ def append_results(title: str, command: str, details: str, table: str) -> None:
         f"- command: `{command}`\n"
         f"- {details}\n\n"
     )
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in `benchmarks/`.\n")
-    with open(RESULTS, "a") as f:
-        f.write(header + table + "\n")
+    if RESULTS.exists():
+        text = RESULTS.read_text(encoding="utf-8")
+    else:
+        text = "# Benchmark results\n\nAppended by the scripts in `benchmarks/`.\n"
+    write_text_atomic(RESULTS, text + header + table + "\n")  # whole sections only

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.config import DOC_SEPARATORS, INPUT_FORMATS, CorpusConfig
+from data_prep.files import temporary_name, write_json_atomic
 from data_prep.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -37,7 +38,6 @@ from data_prep.shards import (
     DatasetError,
     shard_is_intact,
     token_dtype,
-    write_json_atomic,
     write_shard,
     writing,
 )
@@ -152,7 +152,7 @@ def check_inputs_outside_outputs(inputs: list[tuple[str, str]], out: Path) -> No
                 "then read its own files from: use a data.out outside it"
             )
         for name, target in targets.items():
-            if path.is_relative_to(target) or path == target.with_name(target.name + ".tmp"):
+            if path.is_relative_to(target) or path == temporary_name(target):
                 key = "data.input" if split == "train" else "data.val_input"
                 raise DataError(
                     f"{key}: {source} lies inside data.out={out}, in {name} where dlt-prep "

@@ -8,8 +8,9 @@
       train/00007.npy          chunk 7's training tokens (1-D uint16/uint32)
       val/00007.npy            chunk 7's validation tokens, if it has any
 
-Every file is written to a temporary name and renamed into place, so a killed job leaves
-either a complete file or none. See docs/data.md for the fields.
+Every file is written through `data_prep.files.atomic_output` (a temporary name, fsync,
+rename), so a killed job leaves either a complete file or none. See docs/data.md for the
+fields.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# TODO(lead): trainer/run_dir.py (atomic_output) and trainer/checkpoint.py (write_json_atomic)
+# import these from here; once they import data_prep.files, import only atomic_output.
+from data_prep.files import atomic_output, write_json_atomic  # noqa: F401
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,23 +51,6 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """A temporary name to write `path` under, renamed into place when the block ends.
-
-    If the block fails the temporary file is removed: `path` keeps its old content (or stays
-    absent), never a half-written one.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
     """An OSError inside the block (disk full, read-only folder, ...) becomes a one-line
     DatasetError naming `path`."""
@@ -77,14 +64,6 @@ def writing(path: Path) -> Iterator[None]:
         ) from None
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
     """Write a 1-D token array as `.npy` atomically; returns its manifest entry.
 
@@ -94,8 +73,6 @@ def write_shard(path: Path, tokens: np.ndarray) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.save(f, tokens, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
     return {
         "num_tokens": int(tokens.size),
         "sha256": sha256_file(path),

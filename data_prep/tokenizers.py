@@ -18,7 +18,7 @@ from pathlib import Path
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from data_prep.shards import atomic_output
+from data_prep.files import write_text_atomic
 
 ENDOFTEXT = "<|endoftext|>"
 # GPT-2's pre-tokenisation pattern (tiktoken's r50k_base / gpt2).
@@ -167,8 +167,7 @@ def save_bpe(ranks: dict[bytes, int], path: str | Path) -> None:
         f"{base64.b64encode(tok).decode()} {rank}\n"
         for tok, rank in sorted(ranks.items(), key=lambda item: item[1])
     ]
-    with atomic_output(Path(path)) as tmp, open(tmp, "w") as f:
-        f.writelines(lines)
+    write_text_atomic(path, "".join(lines))
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.files import write_text_atomic
+
 DEBIAN_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DEFAULT_DIR = "/tmp/dlt-cluster"
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
@@ -232,8 +234,8 @@ def up(spec: ClusterSpec) -> None:
     install()
     for sub in ("state", "log", *(f"spool/{n}" for n in spec.node_names())):
         (spec.root / sub).mkdir(parents=True, exist_ok=True)
-    spec.conf.write_text(slurm_conf(spec))
-    (spec.root / "spec.json").write_text(json.dumps(spec.__dict__))
+    write_text_atomic(spec.conf, slurm_conf(spec))
+    write_text_atomic(spec.root / "spec.json", json.dumps(spec.__dict__))
     started = time.monotonic()
     try:
         _start_daemons(spec)
@@ -281,7 +283,7 @@ def _link_system_conf(spec: ClusterSpec) -> None:
 
 
 def _save_pids(spec: ClusterSpec, pids: dict[str, int]) -> None:
-    (spec.root / "pids.json").write_text(json.dumps(pids, indent=1))
+    write_text_atomic(spec.root / "pids.json", json.dumps(pids, indent=1))
 
 
 def _read_pids(spec: ClusterSpec) -> dict[str, int]:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
+from data_prep.files import fsync_file, fsync_folder
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
-from trainer.generate import checkpoint_tokenizer, load_model
 from trainer.hf import save_hf
 from trainer.model import GPT
+from trainer.trained import checkpoint_tokenizer, load_model
 
 USAGE = "checkpoint=PATH format=hf|torch out=DIR [overwrite=true]"
 FORMATS = ("hf", "torch")
@@ -24,10 +25,12 @@ TORCH_FILE = "model.pt"
 
 @dataclass
 class ExportConfig:
+    """dlt-export's keys, types only: the values are in `cluster_configs/export.yaml`."""
+
     checkpoint: str
     out: str
-    format: str = "hf"
-    overwrite: bool = False  # replace the export files in a non-empty `out` folder
+    format: str
+    overwrite: bool  # replace the export files in a non-empty `out` folder
 
 
 def parse(argv: list[str]) -> ExportConfig:
@@ -63,12 +66,18 @@ def publish(staging: Path, out: Path) -> None:
 
     A new or empty `out` is replaced by `staging` as a whole; into a non-empty one
     (`overwrite=true`) every file is renamed over its old version, other files are kept.
+    The files are on disk (fsync) before they are renamed, the renames after.
     """
+    for path in staging.iterdir():
+        fsync_file(path)
+    fsync_folder(staging)
     if not out.is_dir() or not any(out.iterdir()):
         os.replace(staging, out)
+        fsync_folder(out.parent)
         return
     for path in sorted(staging.iterdir()):
         os.replace(path, out / path.name)
+    fsync_folder(out)
     staging.rmdir()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from data_prep.files import atomic_output
 from jobs.cli import errors_as_one_line
 from trainer.run_dir import METRICS, read_jsonl
 
@@ -154,7 +155,8 @@ def _lines(
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:  # the format from the final name, not from `.tmp`
+        fig.savefig(tmp, dpi=110, format=path.suffix.removeprefix("."))
     plt.close(fig)
     return path
 

@@ -14,7 +14,8 @@ signal lead time, setup lines. Two routes read it:
 Safety: configuration values are data, never shell. Every value that reaches the shell part of
 a script is quoted with `shlex.quote`; `#SBATCH` lines are read by sbatch, not by the shell,
 and a value that could break out of its line (a newline or other control character) is
-refused (`jobs.profile.check_profile`). Only `setup` lines are shell, by design (`module load ...`, `conda activate ...`).
+refused (`jobs.profile.check_profile`). Only `setup` lines are shell, by design
+(`module load ...`, `conda activate ...`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from data_prep.files import write_text_atomic
 from jobs.cli import LAUNCH_KEYS
 from jobs.node import TrainTask
 from jobs.profile import ClusterProfile
@@ -138,7 +140,7 @@ def train_script(p: ClusterProfile, overrides: list[str]) -> str:
 def sbatch_submit(script: str, path: Path, extra: list[str] = ()) -> str:
     """Write `script` to `path` and submit it; the job id."""
     path.parent.mkdir(parents=True, exist_ok=True)  # sbatch needs the log folder to exist
-    path.write_text(script)
+    write_text_atomic(path, script)
     proc = subprocess.run(
         ["sbatch", "--parsable", *extra, str(path)], capture_output=True, text=True
     )

@@ -13,6 +13,8 @@ import re
 import subprocess
 from pathlib import Path
 
+from data_prep.files import atomic_output
+
 VERSE = re.compile(r"^(?P<book>\w+?)(?P<chapter>\d+):(?P<verse>\d+) (?P<text>.*)$")
 
 
@@ -34,7 +36,12 @@ def main() -> None:
         chapters[-1].append(match["text"].strip())
     text = "\n<|endoftext|>\n".join("\n".join(verses) for verses in chapters) + "\n"
     out = Path(__file__).with_name("kjv.txt.gz")
-    with gzip.GzipFile(out, "wb", compresslevel=9, mtime=0) as f:  # mtime=0: reproducible
+    # mtime=0 and the final name in the gzip header: the same bytes on every rebuild
+    with (
+        atomic_output(out) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(str(out), "wb", compresslevel=9, fileobj=raw, mtime=0) as f,
+    ):
         f.write(text.encode("utf-8"))
     print(f"{out}: {len(chapters)} chapters, {len(text):,} characters")
 
