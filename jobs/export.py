@@ -25,10 +25,12 @@ TORCH_FILE = "model.pt"
 
 @dataclass
 class ExportConfig:
+    """dlt-export's keys, types only: the values are in `cluster_configs/export.yaml`."""
+
     checkpoint: str
     out: str
-    format: str = "hf"
-    overwrite: bool = False  # replace the export files in a non-empty `out` folder
+    format: str
+    overwrite: bool  # replace the export files in a non-empty `out` folder
 
 
 def parse(argv: list[str]) -> ExportConfig:

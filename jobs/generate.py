@@ -19,17 +19,19 @@ USAGE = 'checkpoint=PATH prompt="..." max_new_tokens=N temperature=T top_k=K top
 
 @dataclass
 class GenerateConfig:
+    """dlt-generate's keys, types only: the values are in `cluster_configs/generate.yaml`."""
+
     checkpoint: str
-    prompt: str = "Once upon a time,"
-    max_new_tokens: int = 50
-    temperature: float = 0.8
-    top_k: int = 200
-    top_p: float = 1.0
-    seed: int = 1337
-    num_samples: int = 1
-    tokenizer: str | None = None
-    device: str = "auto"
-    use_cache: bool = True
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    num_samples: int
+    tokenizer: str | None
+    device: str
+    use_cache: bool
 
 
 def check(cfg: GenerateConfig) -> None:

@@ -25,11 +25,14 @@ PHASES = ("all", "plan", "chunks", "finalize")
 
 @dataclass
 class PrepConfig:
+    """dlt-prep's keys but `cluster` and `dry_run`, types only: the values are in
+    `cluster_configs/prep.yaml` and the `data=` preset it picks."""
+
     data: CorpusConfig
-    tokenizer: str | None = None
-    workers: int = 0
-    phase: str = "all"
-    chunks: str | None = None
+    tokenizer: str | None
+    workers: int
+    phase: str
+    chunks: str | None
 
 
 def parse(argv: list[str]) -> tuple[PrepConfig, ClusterProfile, bool]:

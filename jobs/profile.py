@@ -3,7 +3,8 @@
 
 A profile says where and how a job runs: partition, account, nodes, GPUs, time limit, signal
 lead time, setup lines. `jobs/submit.py` turns one into an sbatch script or a submitit job;
-`name: local` means no SLURM at all.
+`name: local` means no SLURM at all. The values, defaults included, are in the YAML files
+only; `ClusterProfile` gives their types.
 
 Values are data, never shell: a value that could break out of its `#SBATCH` line (a newline
 or another control character) is refused here, before anything is written or submitted.
@@ -12,7 +13,7 @@ or another control character) is refused here, before anything is written or sub
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from trainer.config import ConfigError
 
@@ -23,29 +24,31 @@ _OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*(=|$)")
 
 @dataclass
 class ClusterProfile:
-    """`cluster.*` keys. `name=local` means: no SLURM, run on this machine."""
+    """`cluster.*` keys, types only: the values are those of the chosen profile,
+    `cluster_configs/cluster/<name>.yaml` (`slurm.yaml` has every key; `local.yaml` and
+    `dlt_local.yaml` start from it). `name=local` means: no SLURM, run on this machine."""
 
-    name: str = "local"
-    launcher: str = "submitit"  # submitit | sbatch
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: CPU nodes
-    procs_per_node: int | None = None  # training processes per node; default GPUs (or 1)
-    cpus_per_task: int | None = None  # CPUs for a node's task (all of its processes)
-    mem: str | None = None  # per node, e.g. 200G; null = the partition's default
-    time_min: int = 60  # time limit in minutes
-    signal_lead_s: int = 120  # warning signal this many seconds before the time limit
-    max_restarts: int = 1  # after a failure (an exception), torchrun restarts at most this often
-    max_requeues: int = 100  # preemptions / time limits survived (submitit's max_num_timeout)
-    job_name: str = "dlt-train"
-    prep_job_name: str = "dlt-prep"
-    log_dir: str = "logs"
-    python: str | None = None  # the Python with this project on the nodes; null = this one
-    setup: list[str] = field(default_factory=list)  # shell lines run first on the first node
-    sbatch_extra: list[str] = field(default_factory=list)  # more options: "--constraint=a100"
-    array_tasks: int = 4  # dlt-prep: tasks of the chunk array
+    name: str
+    launcher: str  # submitit | sbatch
+    partition: str | None
+    account: str | None
+    qos: str | None
+    nodes: int
+    gpus_per_node: int  # 0: CPU nodes
+    procs_per_node: int | None  # training processes per node; null = GPUs (at least 1)
+    cpus_per_task: int | None  # CPUs for a node's task (all of its processes)
+    mem: str | None  # per node, e.g. 200G; null = the partition's default
+    time_min: int  # time limit in minutes
+    signal_lead_s: int  # warning signal this many seconds before the time limit
+    max_restarts: int  # after a failure (an exception), torchrun restarts at most this often
+    max_requeues: int  # preemptions / time limits survived (submitit's max_num_timeout)
+    job_name: str
+    prep_job_name: str
+    log_dir: str
+    python: str | None  # the Python with this project on the nodes; null = this one
+    setup: list[str]  # shell lines run first on the first node
+    sbatch_extra: list[str]  # more options: "--constraint=a100"
+    array_tasks: int  # dlt-prep: tasks of the chunk array
 
     @property
     def is_local(self) -> bool:

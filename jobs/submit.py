@@ -14,7 +14,8 @@ signal lead time, setup lines. Two routes read it:
 Safety: configuration values are data, never shell. Every value that reaches the shell part of
 a script is quoted with `shlex.quote`; `#SBATCH` lines are read by sbatch, not by the shell,
 and a value that could break out of its line (a newline or other control character) is
-refused (`jobs.profile.check_profile`). Only `setup` lines are shell, by design (`module load ...`, `conda activate ...`).
+refused (`jobs.profile.check_profile`). Only `setup` lines are shell, by design
+(`module load ...`, `conda activate ...`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -11,12 +12,19 @@ from pathlib import Path
 import pytest
 
 from jobs import status
+from jobs.cli import compose_config, to_schema
 from jobs.prep import chunk_range
 from jobs.profile import ClusterProfile, check_profile
 from jobs.submit import BODY_MARKER, submitit_parameters, train_script
 from trainer.config import ConfigError
 
 HOSTILE = "x'\"$(touch {canary})`touch {canary}`;touch {canary}"
+
+
+def profile(**values) -> ClusterProfile:
+    """The profile of cluster/slurm.yaml (the YAML holds the values) with `values` changed."""
+    slurm = to_schema(ClusterProfile, compose_config("train", ["cluster=slurm"]).cluster)
+    return dataclasses.replace(slurm, **values)
 
 
 def dlt(command: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -60,7 +68,7 @@ def test_dry_run_of_the_submitit_route_prints_its_parameters(tmp_path):
     assert "slurm_qos: high" in out.stdout
     assert "nodes: 2" in out.stdout and "tasks_per_node: 1" in out.stdout
     params = submitit_parameters(
-        ClusterProfile(name="x", sbatch_extra=["--constraint=a100", "--exclusive"])
+        profile(name="x", sbatch_extra=["--constraint=a100", "--exclusive"])
     )
     extra = params["slurm_additional_parameters"]
     assert extra == {"requeue": True, "constraint": "a100", "exclusive": True}
@@ -71,12 +79,12 @@ def test_hostile_profile_and_override_values_stay_data(tmp_path):
     """Quotes, $(), backticks and ; in values reach the job literally; nothing runs."""
     canary = tmp_path / "pwned"
     hostile = HOSTILE.format(canary=canary)
-    profile = ClusterProfile(
+    evil = profile(
         name="evil", job_name=hostile, partition=hostile, log_dir=str(tmp_path / hostile),
         python=hostile, setup=[], sbatch_extra=[f"--comment={hostile}"],
     )  # fmt: skip
-    check_profile(profile)
-    script = train_script(profile, [f"run.name={hostile}", "model=tiny"])
+    check_profile(evil)
+    script = train_script(evil, [f"run.name={hostile}", "model=tiny"])
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     # Run the script's shell part up to the body: the settings and arguments it gives the job.
     head = script.split(BODY_MARKER)[0]
@@ -103,9 +111,9 @@ def test_hostile_profile_and_override_values_stay_data(tmp_path):
 @pytest.mark.parametrize("key", ["partition", "job_name", "account", "log_dir"])
 def test_a_value_with_a_newline_is_refused_naming_the_key(key):
     with pytest.raises(ConfigError, match=f"cluster.{key}=.*one line"):
-        check_profile(ClusterProfile(name="x", **{key: "gpu\nrm -rf ~"}))
+        check_profile(profile(name="x", **{key: "gpu\nrm -rf ~"}))
     with pytest.raises(ConfigError, match="cluster.setup=.*one line"):
-        check_profile(ClusterProfile(name="x", setup=["module load x\rrm -rf ~"]))
+        check_profile(profile(name="x", setup=["module load x\rrm -rf ~"]))
 
 
 def test_a_layout_that_does_not_fit_the_profile_is_refused_before_submitting(tmp_path):
@@ -132,7 +140,7 @@ def test_newline_override_on_the_command_line_is_a_one_line_error(tmp_path):
 )
 def test_profile_errors(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        check_profile(ClusterProfile(name="x", **change))
+        check_profile(profile(name="x", **change))
 
 
 def test_prep_dry_run_chains_plan_array_and_finalize(tmp_path):
