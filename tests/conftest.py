@@ -67,15 +67,18 @@ def slurm_cluster():
 
     if os.geteuid() != 0 and not shutil.which("slurmctld", path="/usr/sbin:/usr/bin"):
         pytest.skip("SLURM is not installed and only root can install it (dlt-cluster up)")
-    status = [sys.executable, "-m", "jobs.cluster", "status"]
+    status = [sys.executable, "-m", "jobs.local_slurm", "status"]
     env = {**os.environ, "DLT_CLUSTER_DIR": slurm.CLUSTER_DIR}
     started = False
     if subprocess.run(status, capture_output=True, env=env).returncode != 0:
         up = subprocess.run(
-            [sys.executable, "-m", "jobs.cluster", "up"], capture_output=True, text=True, env=env
+            [sys.executable, "-m", "jobs.local_slurm", "up"],
+            capture_output=True,
+            text=True,
+            env=env,
         )
         assert up.returncode == 0, f"dlt-cluster up failed:\n{up.stdout}\n{up.stderr}"
         started = True
     yield slurm.SLURM_CONF
     if started:
-        subprocess.run([sys.executable, "-m", "jobs.cluster", "down"], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "jobs.local_slurm", "down"], env=env, check=True)
