@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.common import append_results
 from trainer import checkpoint
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, model_config
 from trainer.model import GPT
 from trainer.run_dir import METRICS, read_jsonl
 
@@ -117,14 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from jobs.cli import compose_config
 
-    model_cfg = ModelConfig(
-        **{
-            k: v
-            for k, v in compose_config("train", [f"model={args.model}", "data=dummy"]).model.items()
-            if k in ModelConfig.__dataclass_fields__
-        }
-    )
-    model_cfg.vocab_size = model_cfg.vocab_size or 257
+    model = compose_config("train", [f"model={args.model}", "data=dummy"]).model
+    model_cfg = model_config(model, vocab_size=model.vocab_size or 257)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         disk = disk_write_gbps(tmp, args.disk_mb)

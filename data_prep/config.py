@@ -13,12 +13,14 @@ OmegaConf from the package (`data_prep` knows no Hydra, and imports nothing of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from data_prep.errors import UserError
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "hf")
 DOC_SEPARATORS = ("eot", "line", "blank_line")
@@ -28,7 +30,7 @@ TRAINER_KEYS = ("kind", "path", "vocab_size", "tokenizer_hash", "dummy_branching
 BASE_PRESET = ("cluster_configs", "data/base.yaml")
 
 
-class CorpusConfigError(ValueError):
+class CorpusConfigError(UserError, ValueError):
     """A `data.*` setting dlt-prep cannot take (unknown key, wrong type), in one line."""
 
 
@@ -75,32 +77,3 @@ def corpus_config(**overrides: Any) -> CorpusConfig:
         key = getattr(err, "full_key", None) or ""
         msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
         raise CorpusConfigError(f"data.{key}: {msg}" if key else msg) from None
-
-
-# TODO(lead): moves to trainer/config.py
-DATA_KINDS = ("dummy", "shards")
-
-
-# TODO(lead): moves to trainer/config.py
-@dataclass
-class DataConfig:
-    name: str = "dummy"
-    kind: str = "dummy"  # dummy: synthetic tokens | shards: a prepared dataset at `path`
-    path: str | None = None  # the shard dataset the trainer reads
-    tokenizer: str | None = "bytes"  # gpt2 | bpe | bytes; null: whatever the dataset used
-    vocab_size: int | None = 257  # ids in the data are below this; null: from the dataset
-    tokenizer_hash: str | None = None  # filled from the dataset's manifest by the trainer
-    dummy_branching: int = 4  # dummy: each token has this many possible successors
-
-    # --- dlt-prep: how the dataset at `out` is made ---
-    out: str | None = None  # where dlt-prep writes the shards (usually the same as `path`)
-    input: list[str] = field(default_factory=list)  # files, globs, hf:NAME, pkg://module/file
-    val_input: list[str] = field(default_factory=list)  # a separate validation corpus
-    val_fraction: float = 0.0  # without val_input: share of documents held out for validation
-    format: str = "auto"  # auto (by extension) | text | jsonl | hf
-    doc_separator: str = "eot"  # text: eot (<|endoftext|>) | line | blank_line
-    text_field: str = "text"  # jsonl / hf: the field that holds a document
-    hf_split: str = "train"  # hf: which split of the dataset
-    chunk_mb: float = 32.0  # input MB per chunk (= per shard); the unit of parallel work
-    bpe_vocab_size: int = 8192  # tokenizer=bpe: vocabulary size to train
-    bpe_train_mb: float = 200.0  # tokenizer=bpe: train on at most this much text

@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 
-# TODO(lead): trainer/run_dir.py (atomic_output) and trainer/checkpoint.py (write_json_atomic)
-# import these from here; once they import data_prep.files, import only atomic_output.
-from data_prep.files import atomic_output, write_json_atomic  # noqa: F401
+from data_prep.errors import UserError
+from data_prep.files import atomic_output
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder that is missing, incomplete, corrupt or of an unknown format."""
 
 

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import BinaryIO
 
 from data_prep.config import CorpusConfig
+from data_prep.errors import UserError
 
 ENDOFTEXT = "<|endoftext|>"
 SEPARATORS = {"eot": ENDOFTEXT.encode(), "line": b"\n", "blank_line": b"\n\n"}
@@ -29,7 +30,7 @@ BLOCK = 1 << 22  # bytes read at a time while scanning for chunk boundaries
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data: names the file (and byte offset) and what was expected."""
 
 

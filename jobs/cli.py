@@ -20,12 +20,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_prep.shards import DatasetError
-from data_prep.sources import DataError
-from trainer.checkpoint import CheckpointError
+from data_prep.errors import UserError
 from trainer.config import ConfigError, describe_omegaconf_error
-from trainer.errors import TrainingError
-from trainer.run_dir import RunDirError
 
 CONFIG_MODULE = "cluster_configs"
 
@@ -110,31 +106,30 @@ def to_plain(cfg: DictConfig, drop: tuple[str, ...] = ()) -> dict:
     return plain
 
 
-# Mistakes in the configuration: the same on every rank of a torchrun job.
-CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
-# Errors the ranks have agreed on (a locked run directory, a diverged run): rank 0 says them.
-SAME_ON_EVERY_RANK = (*CONFIG_ERRORS, RunDirError, TrainingError)
-EXPECTED_ERRORS = (
-    *SAME_ON_EVERY_RANK,
-    CheckpointError,
-    DataError,
-    DatasetError,
-    OSError,
-)
+# Hydra's and OmegaConf's own mistakes in the configuration (ours are UserErrors).
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
+EXPECTED_ERRORS = (UserError, *CONFIG_ERRORS, OSError)
+
+
+def same_on_every_rank(err: BaseException) -> bool:
+    """An error every rank of a torchrun job raises alike (a config key, a locked run
+    directory, a diverged run): rank 0 alone prints it."""
+    return isinstance(err, CONFIG_ERRORS) or getattr(err, "same_on_every_rank", False)
 
 
 @contextlib.contextmanager
-def errors_as_one_line(prog: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
-    """Turn configuration, data, checkpoint, run-directory and OS errors (and `also`) into one
-    line `prog: error: ...`, exit status 2.
+def errors_as_one_line(prog: str) -> Iterator[None]:
+    """The one CLI edge: a :class:`UserError` (configuration, data, checkpoint, run directory,
+    ...), a Hydra/OmegaConf or an OS error becomes one line `prog: error: ...`,
+    exit status 2; anything else is a bug and keeps its traceback.
 
     Under torchrun an error that every rank has alike (configuration, a locked run directory,
     a diverged run) is printed by rank 0 only; every rank still exits with status 2.
     """
     try:
         yield
-    except (*EXPECTED_ERRORS, *also) as err:
-        if not isinstance(err, SAME_ON_EVERY_RANK) or os.environ.get("RANK", "0") == "0":
+    except EXPECTED_ERRORS as err:
+        if not same_on_every_rank(err) or os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {describe_error(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 

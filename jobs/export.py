@@ -14,9 +14,9 @@ import torch
 from data_prep.files import fsync_file, fsync_folder
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
-from trainer.generate import checkpoint_tokenizer, load_model
 from trainer.hf import save_hf
 from trainer.model import GPT
+from trainer.trained import checkpoint_tokenizer, load_model
 
 USAGE = "checkpoint=PATH format=hf|torch out=DIR [overwrite=true]"
 FORMATS = ("hf", "torch")

@@ -12,7 +12,8 @@ from data_prep.tokenizers import NAMES
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import DEVICES, ConfigError
 from trainer.distributed import pick_device
-from trainer.generate import checkpoint_tokenizer, generate, load_model
+from trainer.generate import generate
+from trainer.trained import checkpoint_tokenizer, load_model
 
 USAGE = 'checkpoint=PATH prompt="..." max_new_tokens=N temperature=T top_k=K top_p=P seed=S'
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep.errors import UserError
 from data_prep.files import write_text_atomic
 
 DEBIAN_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -49,7 +50,7 @@ USAGE = """usage: dlt-cluster up|down|status [nodes=N] [cpus=C] [mem_mb=M] [port
 Then: export SLURM_CONF=<dir>/slurm.conf (printed by `up`) and use sbatch/srun/squeue."""
 
 
-class ClusterError(Exception):
+class ClusterError(UserError):
     """Something the user can fix; printed as one line."""
 
 

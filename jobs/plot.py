@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from data_prep.errors import UserError
 from data_prep.files import atomic_output
 from jobs.cli import errors_as_one_line
 from trainer.run_dir import METRICS, read_jsonl
@@ -24,7 +25,7 @@ from trainer.run_dir import METRICS, read_jsonl
 USAGE = "usage: dlt-plot RUN_DIR [RUN_DIR ...] [out=DIR]"
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     pass
 
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(arg.removeprefix("out="))
         else:
             dirs.append(Path(arg))
-    with errors_as_one_line("dlt-plot", also=(PlotError,)):
+    with errors_as_one_line("dlt-plot"):
         if not dirs:
             raise PlotError("no run directory given")
         out = out or dirs[0] / "plots"

@@ -7,10 +7,15 @@ Each job of the sweep trains one config. With Hydra's basic launcher the jobs ru
 the other in this process; with `hydra/launcher=submitit_slurm` each is a SLURM job (an array
 job) whose every node runs `jobs.node` (torchrun), as `dlt-train cluster=<profile>` does.
 Give each job its own `run.dir` (interpolating the swept values, or `${hydra:job.num}`).
+
+Every job's config goes through the one validation (`trainer.config.resolve_config`, with the
+world size it will have) before Hydra launches the first: a refused combination is reported
+at once instead of failing in the queue after its siblings ran.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -18,13 +23,21 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
-from jobs.cli import CONFIG_MODULE, errors_as_one_line, to_schema, too_many_digits, training_dict
+from jobs.cli import (
+    CONFIG_MODULE,
+    compose_config,
+    errors_as_one_line,
+    to_schema,
+    too_many_digits,
+    training_dict,
+)
 from jobs.node import TrainTask
 from jobs.profile import ClusterProfile
 from jobs.submit import strip_cluster_overrides
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, resolve_config
 
 
 def sweep(argv: list[str]) -> None:
@@ -32,6 +45,7 @@ def sweep(argv: list[str]) -> None:
     with errors_as_one_line("dlt-train"):  # Hydra would parse it with a traceback
         if limit and any(len(run) > limit for arg in argv for run in re.findall(r"\d+", arg)):
             raise ConfigError(too_many_digits(argv))
+        check_every_job(argv)
     sys.argv = ["dlt-train", *argv]
     train_one()
 
@@ -53,5 +67,30 @@ def train_one(composed: DictConfig) -> str:
             ]
             task = TrainTask([*overrides, f"run.dir={run_dir}"], profile.processes_per_node, 0)
             return task()
-        train_here(load_config(training_dict(composed), world_size=1))
+        train_here(resolve_config(training_dict(composed), world_size=1))
     return "finished"
+
+
+def check_every_job(argv: list[str]) -> None:
+    """Each combination of the sweep through the one validation, before any job starts."""
+    parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    values = [
+        list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()] for o in ours
+    ]
+    launcher = {
+        o.key_or_group: str(o.value()) for o in parsed if o.key_or_group.startswith("hydra")
+    }
+    on_slurm = "submitit" in launcher.get("hydra/launcher", "")
+    nodes = int(launcher.get("hydra.launcher.nodes", 1))
+    for combination in itertools.product(*values):
+        job = [f"{o.get_key_element()}={v}" for o, v in zip(ours, combination, strict=True)]
+        composed = compose_config("train", job)
+        if "${hydra:" in str(OmegaConf.to_container(composed.run)["dir"]):
+            composed.run.dir = "runs/sweep-job"  # known only inside Hydra's job
+        profile = to_schema(ClusterProfile, composed.cluster)
+        world_size = nodes * profile.processes_per_node if on_slurm else 1
+        try:
+            resolve_config(training_dict(composed), world_size=world_size)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (sweep job {' '.join(job)})") from None

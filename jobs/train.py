@@ -39,7 +39,7 @@ from jobs.profile import ClusterProfile, check_profile
 from jobs.submit import submit_training
 from trainer import distributed
 from trainer import run_dir as run_files
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, resolve_config
 from trainer.preemption import StopOnSignal  # noqa: F811 (also imported early, above)
 from trainer.train import RunHooks, run
 
@@ -69,14 +69,15 @@ def main(argv: list[str] | None = None) -> None:
             profile = to_schema(ClusterProfile, composed.cluster)
             dry_run = bool(composed.get("dry_run", False))
             check_profile(profile, dry_run)
-            # Checked here with the world size the job will have, before anything is submitted.
+            # The one validation, with the world size the job will have: before anything is
+            # submitted (a refused layout never waits in the queue) or written.
             world_size = (
                 distributed.world_from_env().size
                 if profile.is_local
                 else profile.nodes * profile.processes_per_node
             )
             try:
-                cfg = load_config(training_dict(composed), world_size=world_size)
+                cfg = resolve_config(training_dict(composed), world_size=world_size)
             except ConfigError as err:
                 if profile.is_local:
                     raise
@@ -117,11 +118,12 @@ class JobRecord(RunHooks):
 
 
 def train_here(cfg: Config, early_signal: StopOnSignal | None = None) -> None:
-    """Train in this process, reporting the start and the outcome for SLURM and dlt-status."""
+    """Train in this process (`cfg` from resolve_config), reporting the start and the outcome
+    for SLURM and dlt-status; `early_signal`: the stop-signal handlers installed at start-up."""
     world = distributed.world_from_env()
     record = JobRecord(cfg, world)
     try:
-        result = run(cfg, stop_requested=early_signal, hooks=record)
+        result = run(cfg, hooks=record, signals=early_signal)
     except BaseException:
         report_outcome(cfg, world, "failed", None, record=record.owns_run_dir)
         raise

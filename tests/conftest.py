@@ -16,10 +16,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+# The trainer's keys of cluster_configs/data/dummy.yaml (the defaults are data=sample's).
+DUMMY_DATA = {"name": "dummy", "kind": "dummy", "path": None, "tokenizer": "bytes", "vocab_size": 257}
+
+
 def tiny_config(run_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """A 2-layer, 32-wide model on dummy data; `sections` update the defaults per section."""
+    """A 2-layer, 32-wide model on dummy data (the keys of data=dummy); `sections` update the
+    defaults per section."""
     cfg: dict[str, Any] = {
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "data": dict(DUMMY_DATA),
         "train": {"max_steps": 6, "micro_batch_size": 2, "warmup_steps": 2, "lr": 1e-3},
         "eval": {"interval": 0},
         "log": {"interval": 1, "progress": False},

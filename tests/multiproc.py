@@ -176,13 +176,12 @@ def build_training_state(cfg: Mapping[str, Any]):
 
     Returns (config, parallel model, optimizer); joins the process group when there is one."""
     from trainer import distributed
-    from trainer.config import load_config
+    from trainer.config import resolve_config
     from trainer.optim import build_optimizer
-    from trainer.parallel import build_layout, check_layout, parallelize
+    from trainer.parallel import build_layout, parallelize
     from trainer.train import build_model
 
-    config = load_config(cfg, world_size=distributed.world_from_env().size)
-    check_layout(config)
+    config = resolve_config(cfg, world_size=distributed.world_from_env().size)  # layout too
     world, device = distributed.init(config.device)
     layout = build_layout(config, device.type, world.size)
     pm = parallelize(build_model(config, device), config, layout, device)

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DUMMY_DATA
 
 from jobs.cli import compose_config, training_dict
 from jobs.train import main as train_main
 from trainer.config import ConfigError, load_config
+from trainer.run_dir import CHECKPOINTS
 
 
 def compose_train(*overrides: str):
@@ -88,7 +90,7 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key, capsys, tmp_path)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dlt-train: error: ")
     assert key in err
-    assert not (run_dir / "checkpoints").exists()  # nothing was started
+    assert not (run_dir / CHECKPOINTS).exists()  # nothing was started
 
 
 def test_load_config_rejects_unknown_keys_and_types_directly():
@@ -138,9 +140,7 @@ def test_every_data_preset_takes_every_data_key(preset):
 
 
 def test_auto_mesh_size_fills_the_world():
-    cfg = load_config(
-        {"data": {"kind": "dummy"}, "parallel": {"dp_shard": -1, "tp": 2}}, world_size=8
-    )
+    cfg = load_config({"data": DUMMY_DATA, "parallel": {"dp_shard": -1, "tp": 2}}, world_size=8)
     assert (cfg.parallel.dp_shard, cfg.parallel.tp) == (4, 2)
     with pytest.raises(ConfigError, match="only one size may be -1"):
         load_config({"parallel": {"dp_shard": -1, "tp": -1}}, world_size=4)

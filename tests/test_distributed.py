@@ -32,10 +32,9 @@ from jobs import export
 from jobs.cli import compose_config
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
-from trainer.generate import load_model
-from trainer.parallel import check_layout
-from trainer.run_dir import METRICS, read_jsonl
+from trainer.run_dir import CHECKPOINTS, METRICS, read_jsonl
 from trainer.train import run
+from trainer.trained import load_model
 
 pytestmark = pytest.mark.multiproc
 
@@ -234,7 +233,7 @@ def assert_close_per_step(
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The run's final parameters as one process sees them (trainer.generate.load_model)."""
+    """The run's final parameters as one process sees them (trainer.trained.load_model)."""
     model, _ = load_model(run_dir)
     return model.state_dict()
 
@@ -331,7 +330,7 @@ def assert_same_state(got: tuple[dict, dict], want: tuple[dict, dict], hop: str)
 def test_checkpoint_reshards_exactly_across_layouts(runs, tmp_path):
     """FSDP 4 -> DDP 2 -> one process -> TP 2 x FSDP 2 -> one process: each hop loads the previous checkpoint into its layout and saves it again; parameters and
     AdamW state (exp_avg, exp_avg_sq, step) come out bit for bit as they went in."""
-    source = runs.dir("fsdp4_stop3") / "checkpoints" / f"step_{RESUME_AT}"
+    source = runs.dir("fsdp4_stop3") / CHECKPOINTS / f"step_{RESUME_AT}"
     original = single_view(source, tmp_path)
     assert {int(s["step"]) for s in original[1]["state"].values()} == {RESUME_AT}
 
@@ -341,7 +340,7 @@ def test_checkpoint_reshards_exactly_across_layouts(runs, tmp_path):
             reshard_worker(0, cfg, str(src), str(tmp_path / name))
         else:
             spawn(world, reshard_worker, cfg, str(src), str(tmp_path / name))
-        ckpt = tmp_path / name / "checkpoints" / f"step_{RESUME_AT}"
+        ckpt = tmp_path / name / CHECKPOINTS / f"step_{RESUME_AT}"
         assert_same_state(single_view(ckpt, tmp_path), original, f"after {name}")
         return ckpt
 
@@ -384,7 +383,7 @@ def test_resume_single_process_run_as_pp2(runs, tmp_path):
 def test_async_checkpoint_of_fsdp_run_resumes_exactly(runs, tmp_path):
     """fsdp2_async saved step 2 in the background while steps 3-4 trained: the checkpoint
     holds step 2's state (not a later one), so one process resumed from it matches."""
-    ckpt = runs.dir("fsdp2_async") / "checkpoints" / "step_2"
+    ckpt = runs.dir("fsdp2_async") / CHECKPOINTS / "step_2"
     assert checkpoint.read_trainer_state(ckpt)["world_size"] == 2
     cfg = config(tmp_path / "resumed")
     cfg["resume"] = str(ckpt)
@@ -427,7 +426,7 @@ def test_async_checkpoint_of_fsdp_run_resumes_exactly(runs, tmp_path):
 def test_bad_layout_is_a_config_error(tmp_path, world, layout, precision, match):
     cfg = config(tmp_path / "run", layout, precision=precision)
     with pytest.raises(ConfigError, match=match):
-        check_layout(load_config(cfg, world_size=world))
+        load_config(cfg, world_size=world)  # the layout rules are part of the one validation
 
 
 def test_bad_layout_fails_before_any_work(tmp_path, monkeypatch):
@@ -447,8 +446,7 @@ def test_every_parallel_preset_is_a_valid_layout(tmp_path):
     assert {"single", "ddp", "fsdp", "zero2", "hsdp", "tp", "fsdp_tp", "pp", "3d"} <= set(names)
     for name in names:
         world = 1 if name == "single" else 4
-        cfg = load_config(config(tmp_path / "run", preset(name)), world_size=world)
-        check_layout(cfg)
+        cfg = load_config(config(tmp_path / "run", preset(name)), world_size=world)  # + layout
         assert cfg.parallel.world_size == world, name
 
 

@@ -6,15 +6,17 @@ import math
 
 import pytest
 import torch
+from conftest import DUMMY_DATA
 
 from data_prep.tokenizers import get_tokenizer
 from jobs import export as export_cli
 from jobs import generate as generate_cli
 from trainer.checkpoint import CheckpointError
-from trainer.config import ModelConfig
-from trainer.generate import checkpoint_tokenizer, filter_logits, generate, load_model
+from trainer.config import model_config
+from trainer.generate import filter_logits, generate
 from trainer.hf import save_hf
 from trainer.model import GPT, new_kv_cache
+from trainer.trained import checkpoint_tokenizer, load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def random_model(block_size: int = 16, vocab_size: int = 257, seed: int = 0) -> GPT:
     """A small random model with peaked next-token distributions (no near-ties for argmax)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size)
+    cfg = model_config(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size)
     model = GPT(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -206,6 +208,7 @@ def run_dir(tmp_path_factory):
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
             "eval": {"interval": 0},
             "log": {"interval": 1, "progress": False},
+            "data": DUMMY_DATA,
             "device": "cpu",
         }
     )
@@ -272,6 +275,8 @@ def test_generate_cli_model_vocab_larger_than_tokenizer(tmp_path, capsys):
             "train": {"max_steps": 1, "micro_batch_size": 2, "warmup_steps": 0},
             "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 512},
             "log": {"progress": False},
+            "eval": {"interval": 0},
+            "data": DUMMY_DATA,
             "device": "cpu",
         }
     )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, model_config
 from trainer.hf import from_hf_state_dict, load_hf, save_hf, to_hf_state_dict
 from trainer.model import GPT, flops_per_token
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = {
-    "tiny": ModelConfig(),
-    "gpt2_small": ModelConfig(
+    "tiny": model_config(vocab_size=257),
+    "gpt2_small": model_config(
         name="gpt2_small", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257
     ),
 }
@@ -140,7 +140,7 @@ def test_loss_matches_hf():
 
 
 def test_gpt2_init_statistics():
-    cfg = ModelConfig(n_layer=8, n_head=4, n_embd=256, block_size=256, vocab_size=1024)
+    cfg = model_config(n_layer=8, n_head=4, n_embd=256, block_size=256, vocab_size=1024)
     model = new_ours(cfg, seed=6)
     assert model.lm_head.weight is model.tok_emb.weight
     resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
@@ -165,7 +165,7 @@ def test_gpt2_init_statistics():
 
 
 def test_activation_checkpointing_same_loss_and_grads():
-    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=97)
+    cfg = model_config(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=97)
     model = new_ours(cfg, seed=7).train()
     x = tokens(cfg, batch=2, length=32, seed=2)
     runs = []
@@ -184,7 +184,7 @@ def test_activation_checkpointing_same_loss_and_grads():
 
 
 def test_sequence_longer_than_block_size_raises():
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50)
+    cfg = model_config(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50)
     model = new_ours(cfg, seed=8)
     model(tokens(cfg, batch=1, length=8))  # exactly block_size is fine
     with pytest.raises(ValueError, match="block_size"):

@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from data_prep.shards import write_json_atomic
+from data_prep.files import fsync_file, fsync_folder, write_json_atomic
 from trainer import distributed
 from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoint API)
     CHECKSUM,
@@ -66,7 +67,7 @@ from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoin
     read_trainer_state,
     verify,
 )
-from trainer.run_dir import named
+from trainer.run_dir import CHECKPOINTS, named
 
 # DCP warns that it "assumes a single process" when torch.distributed is not initialised:
 # that is exactly the single-process case, so the warning only adds noise.
@@ -180,7 +181,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def step_of(path: Path) -> int:
@@ -269,23 +270,14 @@ class PendingSave:
         for extra in self.extra_files:
             copy = self.tmp / Path(extra).name
             shutil.copyfile(extra, copy)
-            with open(copy, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(copy)
         files = {
             name: {"size": size, CHECKSUM: digests.get(name) or checksum_file(self.tmp / name)}
             for name, size in list_files(self.tmp).items()
         }
         write_json_atomic(self.tmp / COMPLETE_MARK, {"step": self.step, "files": files})
         os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_folder(self.final.parent)
 
 
 def _result(future: Any, folder: Path) -> None:
@@ -410,3 +402,93 @@ def load(
     if rng_key in state:
         set_rng_state(state[rng_key])
     return read_trainer_state(path)
+
+
+# --- the manager ------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """What a run saves and restores, and when: the one place that knows.
+
+    DCP gets the tensors (model + optimizer state and each rank's RNG); `trainer_state.json`
+    gets the config and the `state_dict()` of every other registered part (the run's
+    counters at the top level, the data loader, the gradient scaler, ... under their names):
+    small plain JSON, readable without torch. One checkpoint is in flight at a time; with
+    `async_save` it is written in the background and committed before the next one starts.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Any,  # trainer.config.CheckpointConfig
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        counters: Stateful,
+        parts: Mapping[str, Stateful],
+        config: dict[str, Any],
+        extra_files: list[Path],
+        log: Callable[[str], None],
+        before_save: Callable[[int, Path | None], None] | None = None,
+    ):
+        self.run_dir, self.cfg, self.log = run_dir, cfg, log
+        self.model, self.optimizer = model, optimizer
+        self.counters, self.parts = counters, dict(parts)
+        self.config, self.extra_files = config, extra_files
+        self.last: Path | None = None  # the newest checkpoint on disk
+        self.before_save = before_save  # may refuse the save (e.g. non-finite weights)
+        self._pending: PendingSave | None = None
+        self._started = 0.0
+
+    def due(self, step: int, last: bool, stopping: bool) -> bool:
+        """Save after this step? At the end, when stopping, and every `checkpoint.interval`."""
+        every = self.cfg.interval
+        return last or stopping or bool(every and step % every == 0)
+
+    def restore(self, path: Path, saved: dict[str, Any]) -> float:
+        """Load checkpoint `path` (already checked; `saved` is its trainer state) into every
+        registered part; returns the seconds it took."""
+        started = time.perf_counter()
+        load(path, self.model, self.optimizer, checked=True)
+        self.counters.load_state_dict(saved)
+        for name, part in self.parts.items():
+            if saved.get(name):  # e.g. a disabled gradient scaler saved nothing
+                part.load_state_dict(saved[name])
+        self.last = path
+        return time.perf_counter() - started
+
+    def save(self, step: int) -> None:
+        """Begin checkpoint `step` (collective); without `async_save` it is on disk on return."""
+        self.finish()  # one checkpoint in flight at a time
+        if self.before_save is not None:
+            self.before_save(step, self.last)
+        self._started = time.perf_counter()
+        state = {
+            **self.counters.state_dict(),
+            **{name: part.state_dict() for name, part in self.parts.items()},
+            "config": self.config,
+        }
+        self._pending = start_save(
+            self.run_dir,
+            step,
+            self.model,
+            self.optimizer,
+            state,
+            self.cfg.keep,
+            self.extra_files,
+            asynchronous=self.cfg.async_save,
+        )
+        if not self.cfg.async_save:
+            self.finish()
+
+    def finish(self) -> None:
+        """Commit the checkpoint in flight, if any (collective), and say so."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        self.last = pending.wait()
+        took = time.perf_counter() - self._started  # async: includes the steps meanwhile
+        if pending.already_saved:
+            self.log(f"checkpoint {self.last} is already on disk (kept as is)")
+        else:
+            how = "async, complete" if self.cfg.async_save else "written in"
+            self.log(f"checkpoint saved: {self.last} ({how} {took:.2f} s)")

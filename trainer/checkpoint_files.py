@@ -40,6 +40,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from data_prep.errors import UserError
 from trainer import distributed
 
 METADATA = ".metadata"
@@ -49,7 +50,7 @@ FORMAT_VERSION = 1  # of trainer_state.json; a checkpoint of another format is r
 HASH_CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete, corrupt or unsafe."""
 
 

@@ -1,121 +1,153 @@
-"""The run configuration: typed dataclasses plus the checks that run before any work starts.
+"""The run configuration: its schema, where its values come from, and the one validation.
 
-`trainer` never sees Hydra: `jobs/` composes YAML from `cluster_configs/` and hands the result
-to :func:`load_config`, which merges it onto these dataclasses (so an unknown key or a wrong
-type is caught by OmegaConf) and then checks combinations (heads dividing width, ...).
+- **Values** live in one place: the YAML tree `cluster_configs/` (`train.yaml` and the presets
+  it picks by default). :func:`default_tree` composes it with Hydra's compose API, exactly as
+  `dlt-train` does, so `trainer.train.run(cfg)` and `dlt-train` with the same keys omitted
+  train the same run. The dataclasses below declare types only (no default values).
+- **One validation**: :func:`resolve_config` merges a source onto the defaults (an unknown key
+  or a wrong type is caught by OmegaConf), derives what the config leaves open (a mesh size of
+  -1, `grad_accum` from the global batch, the vocabulary from the dataset), checks every rule
+  (fields, combinations, the parallel layout, the inputs) and returns an immutable
+  :class:`Config`. Every path runs it before anything is submitted or written: training here,
+  `dlt-train cluster=...` (and `dry_run=true`), sweeps. The trainer trusts what it returns.
+
 Every problem becomes one :class:`ConfigError` whose message names the key.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_prep.config import DATA_KINDS, DataConfig
+from data_prep.config import CorpusConfig
+from data_prep.errors import UserError
+from data_prep.shards import DatasetError, read_manifest
 
+CONFIG_MODULE = "cluster_configs"  # the YAML tree, shipped as a package
 PRECISIONS = ("fp32", "bf16", "fp16")
 PP_SCHEDULES = ("gpipe", "1f1b")
 WANDB_MODES = ("disabled", "offline", "online")
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_KINDS = ("dummy", "shards")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, described in one line that names the offending key."""
 
+    same_on_every_rank = True
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelConfig:
-    name: str = "custom"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 192
-    block_size: int = 128
-    vocab_size: int | None = 257  # null: the dataset's vocabulary size
-    dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
-    attention: str = "auto"  # auto: flash-attn on CUDA when installed, else SDPA
-    init_from: str | None = None  # a Hugging Face GPT-2 folder to start from
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    vocab_size: int | None  # null: the dataset's vocabulary size
+    dropout: float
+    layer_norm_eps: float
+    attention: str  # auto: flash-attn on CUDA when installed, else SDPA
+    init_from: str | None  # a Hugging Face GPT-2 folder to start from
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    global_batch_size: int | None = None  # if set, grad_accum is derived from it
-    max_steps: int = 100
-    lr: float = 6e-4
-    min_lr: float = 6e-5  # floor of the cosine decay
-    warmup_steps: int = 10
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 1337
-    activation_checkpointing: bool = False
-    compile: bool = False
-    cpu_threads: int = 0  # torch threads per process on CPU; 0: auto (see trainer.distributed)
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int | None  # if set, grad_accum is derived from it
+    max_steps: int
+    lr: float
+    min_lr: float  # floor of the cosine decay
+    warmup_steps: int
+    beta1: float
+    beta2: float
+    weight_decay: float
+    grad_clip: float  # 0 disables clipping
+    seed: int
+    activation_checkpointing: bool
+    compile: bool
+    cpu_threads: int  # torch threads per process on CPU; 0: auto (see trainer.distributed)
 
 
-@dataclass
+@dataclass(frozen=True)
+class DataConfig:
+    """The trainer's keys of the `data` section (dlt-prep reads the others: CorpusConfig)."""
+
+    name: str
+    kind: str  # dummy: synthetic tokens | shards: a prepared dataset at `path`
+    path: str | None  # the shard dataset the trainer reads
+    tokenizer: str | None  # gpt2 | bpe | bytes; null: whatever the dataset used
+    vocab_size: int | None  # ids in the data are below this; null: from the dataset
+    tokenizer_hash: str | None  # filled from the dataset's manifest
+    dummy_branching: int  # dummy: each token has this many possible successors
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    interval: int = 0  # 0 disables periodic validation
-    steps: int = 4  # validation batches per evaluation
+    interval: int  # 0 disables periodic validation
+    steps: int  # validation batches per evaluation
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
-    interval: int = 0  # 0: only at the end of the run
-    keep: int = 3
-    async_save: bool = False  # write in the background while training continues
+    interval: int  # 0: only at the end of the run
+    keep: int
+    async_save: bool  # write in the background while training continues
 
 
-@dataclass
+@dataclass(frozen=True)
 class WandbConfig:
-    mode: str = "disabled"  # disabled | offline | online
-    project: str = "distributed-llm-trainer"
-    entity: str | None = None
-    group: str | None = None
-    name: str | None = None  # default: run.name
-    tags: list[str] = field(default_factory=list)
+    mode: str  # disabled | offline | online
+    project: str
+    entity: str | None
+    group: str | None
+    name: str | None  # default: run.name
+    tags: list[str]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
-    interval: int = 10
-    progress: bool = True  # a progress bar, only when stderr is a terminal
-    peak_tflops: float | None = None  # device peak for MFU; null: look it up for known GPUs
-    tensorboard: bool = False  # event files in <run>/tensorboard
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    interval: int
+    progress: bool  # a progress bar, only when stderr is a terminal
+    peak_tflops: float | None  # device peak for MFU; null: look it up for known GPUs
+    tensorboard: bool  # event files in <run>/tensorboard
+    wandb: WandbConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    name: str = "default"
-    dir: str = "runs/default"
+    name: str
+    dir: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
-    """Sizes of the device mesh; their product must equal the world size."""
+    """Sizes of the device mesh; their product must equal the world size (one may be -1:
+    whatever makes it so)."""
 
-    name: str = "single"
-    dp_replicate: int = 1  # DDP (or HSDP's replicas)
-    dp_shard: int = 1  # FSDP2
-    tp: int = 1  # tensor parallel
-    pp: int = 1  # pipeline parallel
-    # one of the four sizes may be -1: whatever makes the product equal the world size
-    ddp_bucket_mb: int = 25
-    fsdp_reshard_after_forward: bool = True  # False: ZeRO-2 style (no re-gather in backward)
-    fsdp_cpu_offload: bool = False
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b
-    pp_microbatches: int = 4  # per pipeline step; must divide train.micro_batch_size
+    name: str
+    dp_replicate: int  # DDP (or HSDP's replicas)
+    dp_shard: int  # FSDP2
+    tp: int  # tensor parallel
+    pp: int  # pipeline parallel
+    ddp_bucket_mb: int
+    fsdp_reshard_after_forward: bool  # False: ZeRO-2 style (no re-gather in backward)
+    fsdp_cpu_offload: bool
+    pp_schedule: str  # gpipe | 1f1b
+    pp_microbatches: int  # per pipeline step; must divide train.micro_batch_size
 
     @property
     def world_size(self) -> int:
@@ -126,19 +158,77 @@ class ParallelConfig:
         return self.dp_replicate * self.dp_shard
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    precision: str = "fp32"
-    resume: str = "auto"  # auto | none | PATH to a checkpoint folder
-    device: str = "auto"
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    eval: EvalConfig
+    checkpoint: CheckpointConfig
+    log: LogConfig
+    run: RunConfig
+    parallel: ParallelConfig
+    precision: str
+    resume: str  # auto | none | PATH to a checkpoint folder
+    device: str
+
+
+# ------------------------------------------------------------------------------- the values
+
+# Keys of the shared `data:` section that only dlt-prep reads (the trainer ignores them).
+PREP_ONLY_KEYS = frozenset(f.name for f in fields(CorpusConfig)) - {
+    f.name for f in fields(DataConfig)
+}
+
+
+def compose_tree(config_name: str, overrides: list[str] = ()) -> DictConfig:
+    """`cluster_configs/<config_name>.yaml` composed by Hydra (also inside a running Hydra
+    app, whose global state is then left alone)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=list(overrides))
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+@functools.cache
+def _default_tree() -> DictConfig:
+    tree = compose_tree("train")
+    return OmegaConf.masked_copy(tree, [f.name for f in fields(Config)])
+
+
+def default_tree() -> DictConfig:
+    """The training defaults: `train.yaml` with its default presets, interpolations kept (so
+    `run.dir` follows `model.name` as it does on the command line)."""
+    return copy.deepcopy(_default_tree())
+
+
+def model_config(values: Any = None, **overrides: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from the defaults, `values` (e.g. a checkpoint's saved model
+    section, possibly from an older version) and `overrides`."""
+    defaults = OmegaConf.to_container(_default_tree().model, resolve=True)  # no data here
+    node = OmegaConf.merge(defaults, values or {}, overrides)
+    try:
+        return OmegaConf.to_object(_merged(ModelConfig, node))
+    except OmegaConfBaseException as err:
+        raise ConfigError(describe_omegaconf_error(err)) from None
+
+
+def _merged(cls: type, *sources: Any) -> DictConfig:
+    """`sources` merged onto dataclass `cls` as a schema (type checks, unknown keys)."""
+    return OmegaConf.merge(_open_schema(cls), *sources)
+
+
+def _open_schema(cls: type) -> DictConfig:
+    """`cls` as a schema that can be merged into: OmegaConf makes the nodes of a frozen
+    dataclass read-only, so every section is built and unlocked here (the instance that
+    `to_object` makes of the merged result is frozen again)."""
+    node = OmegaConf.structured(cls)
+    OmegaConf.set_readonly(node, False)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            node[f.name] = _open_schema(hints[f.name])
+    return node
 
 
 def describe_omegaconf_error(err: OmegaConfBaseException) -> str:
@@ -148,20 +238,45 @@ def describe_omegaconf_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(source: Any = None, world_size: int = 1) -> Config:
-    """Validate `source` (a mapping, DictConfig or Config) and return a :class:`Config`.
-
-    Raises :class:`ConfigError` with a one-line message naming the key.
-    """
+def _without_prep_keys(source: Any) -> Any:
+    """`source` without the keys of the `data` section that only dlt-prep reads."""
     if isinstance(source, Config):
-        source = OmegaConf.structured(source)
-    schema = OmegaConf.structured(Config)
+        return OmegaConf.structured(source)
+    if source is None:
+        return {}
+    node = copy.deepcopy(source) if OmegaConf.is_config(source) else OmegaConf.create(source)
+    data = node.get("data") if isinstance(node, DictConfig) else None
+    if isinstance(data, DictConfig):  # resolved first: `path: ${.out}` names a prep key
+        values = OmegaConf.to_container(data, resolve=True)
+        node.data = {k: v for k, v in values.items() if k not in PREP_ONLY_KEYS}
+    return node
+
+
+# --------------------------------------------------------------------------- the validation
+
+
+def resolve_config(source: Any = None, world_size: int = 1) -> Config:
+    """The one validation of a run's config: `source` (a mapping, DictConfig or Config) on the
+    defaults, derived, checked, with the dataset's vocabulary filled in and the inputs
+    (starting weights, validation split) checked. Reads files, writes nothing."""
+    cfg = load_config(source, world_size)
+    cfg = with_dataset(cfg)
+    check_inputs(cfg)
+    return cfg
+
+
+def load_config(source: Any = None, world_size: int = 1) -> Config:
+    """:func:`resolve_config` without looking at any file: the defaults, `source`, the
+    derived sizes and every rule that needs only the config itself."""
     try:
-        merged = OmegaConf.merge(schema, source or {})
+        merged = _merged(Config, _without_prep_keys(default_tree()), _without_prep_keys(source))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(describe_omegaconf_error(err)) from None
-    check_config(cfg, world_size)
+    check_fields(cfg)
+    cfg = derive(cfg, world_size)
+    check_combinations(cfg, world_size)
+    check_layout(cfg)
     return cfg
 
 
@@ -186,28 +301,12 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{key}={value!r}: expected one of {', '.join(allowed)}")
 
 
-def resolve_auto_size(p: ParallelConfig, world_size: int) -> None:
-    """Replace a mesh size of -1 by what makes the product equal the world size."""
-    auto = [d for d in MESH_DIMS if getattr(p, d) == -1]
-    _require(len(auto) <= 1, f"parallel: only one size may be -1, got {', '.join(auto)}")
-    if auto:
-        rest = math.prod(getattr(p, d) for d in MESH_DIMS if d not in auto)
-        _require(
-            rest > 0 and world_size % rest == 0,
-            f"parallel.{auto[0]}=-1: world size {world_size} is not a multiple of the other "
-            f"sizes' product {rest}",
-        )
-        setattr(p, auto[0], world_size // rest)
-
-
-def check_config(cfg: Config, world_size: int = 1) -> None:
-    """Cross-field checks. Also derives `train.grad_accum` from `train.global_batch_size`."""
+def check_fields(cfg: Config) -> None:
+    """Each key on its own: ranges, choices, what a data kind needs."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     _one_of("data.kind", cfg.data.kind, DATA_KINDS)
     if cfg.data.kind == "dummy":
         _positive(cfg, "data.vocab_size")
-        if m.vocab_size is None:
-            m.vocab_size = cfg.data.vocab_size
     else:
         _require(bool(cfg.data.path), "data.path: data.kind=shards needs the dataset folder")
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
@@ -217,22 +316,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     _finite(cfg, "model.dropout", "model.layer_norm_eps")
     _positive(cfg, "model.layer_norm_eps")
     _require(t.cpu_threads >= 0, f"train.cpu_threads={t.cpu_threads}: must be >= 0 (0: auto)")
-    resolve_auto_size(p, world_size)
-    _positive(cfg, "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp")
     _positive(cfg, "parallel.pp_microbatches", "parallel.ddp_bucket_mb")
     _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
-    _require(
-        m.n_embd % m.n_head == 0,
-        f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",
-    )
     if m.vocab_size is not None:
         _positive(cfg, "model.vocab_size")
-    if m.vocab_size is not None and cfg.data.vocab_size is not None:
-        _require(
-            m.vocab_size >= cfg.data.vocab_size,
-            f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size="
-            f"{cfg.data.vocab_size} (tokenizer {cfg.data.tokenizer})",
-        )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
     _one_of("precision", cfg.precision, PRECISIONS)
@@ -257,11 +344,32 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
     )
     _require(bool(cfg.run.dir), "run.dir: must name a directory")
     _require(bool(cfg.resume), "resume: expected auto, none or a checkpoint path")
+
+
+def auto_sizes(p: ParallelConfig, world_size: int) -> ParallelConfig:
+    """A mesh size of -1 replaced by what makes the product equal the world size."""
+    auto = [d for d in MESH_DIMS if getattr(p, d) == -1]
+    _require(len(auto) <= 1, f"parallel: only one size may be -1, got {', '.join(auto)}")
+    if not auto:
+        return p
+    rest = math.prod(getattr(p, d) for d in MESH_DIMS if d not in auto)
     _require(
-        p.world_size == world_size,
-        f"parallel: dp_replicate*dp_shard*tp*pp = {p.world_size} must equal the world size "
-        f"{world_size}",
+        rest > 0 and world_size % rest == 0,
+        f"parallel.{auto[0]}=-1: world size {world_size} is not a multiple of the other "
+        f"sizes' product {rest}",
     )
+    return replace(p, **{auto[0]: world_size // rest})
+
+
+def derive(cfg: Config, world_size: int) -> Config:
+    """What the config leaves open: mesh sizes of -1, `train.grad_accum` from
+    `train.global_batch_size`, a dummy dataset's vocabulary for the model."""
+    p = auto_sizes(cfg.parallel, world_size)
+    cfg = replace(cfg, parallel=p)
+    _positive(cfg, "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp")
+    if cfg.data.kind == "dummy" and cfg.model.vocab_size is None:
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.data.vocab_size))
+    t = cfg.train
     if t.global_batch_size is not None:
         per_step = t.micro_batch_size * p.dp_size
         _require(
@@ -269,9 +377,116 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
             f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
             f"train.micro_batch_size*data-parallel size = {per_step}",
         )
-        t.grad_accum = t.global_batch_size // per_step
+        cfg = replace(cfg, train=replace(t, grad_accum=t.global_batch_size // per_step))
+    return cfg
+
+
+def check_combinations(cfg: Config, world_size: int) -> None:
+    """Rules between keys: heads and width, vocabularies, the world size."""
+    m, p = cfg.model, cfg.parallel
+    _require(
+        m.n_embd % m.n_head == 0,
+        f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",
+    )
+    if m.vocab_size is not None and cfg.data.vocab_size is not None:
+        _require(
+            m.vocab_size >= cfg.data.vocab_size,
+            f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size="
+            f"{cfg.data.vocab_size} (tokenizer {cfg.data.tokenizer})",
+        )
+    _require(
+        p.world_size == world_size,
+        f"parallel: dp_replicate*dp_shard*tp*pp = {p.world_size} must equal the world size "
+        f"{world_size}",
+    )
+
+
+def check_layout(cfg: Config) -> None:
+    """Parallel layouts that cannot work with this model or these settings."""
+    p, m = cfg.parallel, cfg.model
+    _require(m.n_head % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_head={m.n_head}")
+    _require(
+        (4 * m.n_embd) % p.tp == 0, f"parallel.tp={p.tp} must divide the MLP width 4*model.n_embd"
+    )
+    _require(p.pp <= m.n_layer, f"parallel.pp={p.pp} is larger than model.n_layer={m.n_layer}")
+    if p.pp > 1:
+        _require(
+            p.pp_microbatches >= p.pp,
+            f"parallel.pp_microbatches={p.pp_microbatches} must be at least parallel.pp={p.pp}",
+        )
+        _require(
+            cfg.train.micro_batch_size % p.pp_microbatches == 0,
+            f"parallel.pp_microbatches={p.pp_microbatches} must divide "
+            f"train.micro_batch_size={cfg.train.micro_batch_size}",
+        )
+    plain_ddp = p.dp_replicate > 1 and p.dp_shard == 1
+    _require(
+        not (p.tp > 1 and plain_ddp),
+        "parallel: tensor parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
+        "supported; shard instead (dp_shard>1, i.e. FSDP or HSDP)",
+    )
+    _require(
+        not (p.pp > 1 and plain_ddp),
+        "parallel: pipeline parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
+        "supported; use dp_shard (FSDP) for the data-parallel part",
+    )
+    sharded = p.dp_shard > 1 or p.tp > 1 or p.pp > 1
+    _require(
+        not (cfg.precision == "fp16" and sharded),
+        "precision=fp16 works with single/DDP layouts only; use bf16",
+    )
+    _require(
+        not (cfg.train.compile and p.pp > 1),
+        "train.compile=true is not supported with pipeline parallel (pp>1)",
+    )
+
+
+def with_dataset(cfg: Config) -> Config:
+    """For a shard dataset: check the config against its manifest and fill in what the config
+    left null (data.tokenizer, data.vocab_size, data.tokenizer_hash, model.vocab_size)."""
+    if cfg.data.kind != "shards":
+        return cfg
+    tok = read_manifest(cfg.data.path)["tokenizer"]
+    where = f"dataset {cfg.data.path}"
+    if cfg.data.tokenizer not in (None, tok["name"]):
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} but {where} was tokenized with {tok['name']}"
+        )
+    if cfg.data.vocab_size not in (None, tok["vocab_size"]):
+        raise ConfigError(
+            f"data.vocab_size={cfg.data.vocab_size} but {where} has {tok['vocab_size']} ids"
+        )
+    m = cfg.model
+    if m.vocab_size is not None and m.vocab_size < tok["vocab_size"]:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the vocabulary of {where} "
+            f"({tok['name']}, {tok['vocab_size']} ids)"
+        )
+    data = replace(
+        cfg.data, tokenizer=tok["name"], vocab_size=tok["vocab_size"], tokenizer_hash=tok["hash"]
+    )
+    return replace(cfg, data=data, model=replace(m, vocab_size=m.vocab_size or tok["vocab_size"]))
+
+
+def check_inputs(cfg: Config) -> None:
+    """What would otherwise fail only once the run has started (the starting weights) or at
+    its first evaluation, after the work is done (the validation split)."""
+    # Imported here: both modules build on this one.
+    from trainer.data import build_source
+    from trainer.hf import check_hf_folder
+
+    if cfg.model.init_from:
+        check_hf_folder(cfg.model.init_from, cfg.model)
+    if cfg.eval.interval > 0:
+        try:
+            build_source(cfg, "val")
+        except (DatasetError, ConfigError) as err:
+            raise ConfigError(
+                f"eval.interval={cfg.eval.interval}: {err} (eval.interval=0 trains without "
+                "validation)"
+            ) from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """A plain, JSON/YAML-friendly dict of the config."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+    return dataclasses.asdict(cfg)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_prep.shards import DatasetError, open_shards, read_manifest
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 
 
 class SampleSource(Protocol):
@@ -126,34 +126,6 @@ class ShardTokens:
         window = int(self.order(epoch)[position])
         tokens = self.read(window * self.seq_len, self.seq_len + 1)
         return torch.from_numpy(tokens.astype(np.int64))
-
-
-def resolve_dataset(cfg: Config) -> dict | None:
-    """For a shard dataset: check it against the config and fill in what the config left null
-    (data.tokenizer, data.vocab_size, model.vocab_size). Returns the manifest."""
-    if cfg.data.kind != "shards":
-        return None
-    manifest = read_manifest(cfg.data.path)
-    tok = manifest["tokenizer"]
-    where = f"dataset {cfg.data.path}"
-    if cfg.data.tokenizer not in (None, tok["name"]):
-        raise ConfigError(
-            f"data.tokenizer={cfg.data.tokenizer} but {where} was tokenized with {tok['name']}"
-        )
-    if cfg.data.vocab_size not in (None, tok["vocab_size"]):
-        raise ConfigError(
-            f"data.vocab_size={cfg.data.vocab_size} but {where} has {tok['vocab_size']} ids"
-        )
-    cfg.data.tokenizer, cfg.data.vocab_size = tok["name"], tok["vocab_size"]
-    cfg.data.tokenizer_hash = tok["hash"]
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tok["vocab_size"]
-    elif cfg.model.vocab_size < tok["vocab_size"]:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of {where} "
-            f"({tok['name']}, {tok['vocab_size']} ids)"
-        )
-    return manifest
 
 
 def build_source(cfg: Config, split: str) -> SampleSource:

@@ -6,13 +6,8 @@ token, reusing every earlier token's keys and values instead of recomputing them
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from data_prep.tokenizers import BPE_FILE, Tokenizer, get_tokenizer
-from trainer import checkpoint, resume
-from trainer.config import ModelConfig
 from trainer.model import GPT, new_kv_cache
 
 
@@ -85,33 +80,3 @@ def generate(
         if stop_id is not None and bool((token == stop_id).all()):
             break
     return tokens
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """The model of a checkpoint (a run directory's newest, or one folder) and its trainer
-    state, with `checkpoint_dir` added (where files such as a trained tokenizer are)."""
-    folder = resume.resolve(path)
-    state = {**checkpoint.read_trainer_state(folder), "checkpoint_dir": str(folder)}
-    cfg = ModelConfig(**state["config"]["model"])
-    cfg.dropout = 0.0
-    model = GPT(cfg)
-    checkpoint.load(folder, model)
-    return model.to(device).eval(), state
-
-
-def checkpoint_tokenizer(state: dict, name: str | None = None) -> Tokenizer:
-    """Tokenizer `name` for a checkpoint (default: the run's own, `data.tokenizer`); a trained
-    BPE is read from the checkpoint folder (`state` as returned by `load_model`)."""
-    trained = state["config"]["data"]["tokenizer"]
-    name = name or trained
-    folder = Path(state["checkpoint_dir"])
-    if name == "bpe" and not (folder / BPE_FILE).is_file():
-        if trained == "bpe":
-            instead = f"the run was trained with it: copy the dataset's {BPE_FILE} into it"
-        else:
-            instead = f"use tokenizer={trained}, the one the run was trained with"
-        raise checkpoint.CheckpointError(
-            f"tokenizer=bpe: checkpoint {folder} carries no trained BPE tokenizer "
-            f"({BPE_FILE}); {instead}"
-        )
-    return get_tokenizer(name, folder)

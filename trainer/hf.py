@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ConfigError, ModelConfig, model_config
 from trainer.model import GPT
 
 _LINEARS = {  # ours (inside blocks.<i>.) -> Hugging Face (inside transformer.h.<i>.)
@@ -140,7 +140,7 @@ def read_hf_config(folder: Path) -> dict:
 
 def model_config_from_hf(hf_cfg: dict) -> ModelConfig:
     """Our ModelConfig with the shapes of a (checked) Hugging Face GPT-2 `config.json`."""
-    return ModelConfig(
+    return model_config(
         **{ours: hf_cfg[theirs] for ours, theirs in SHAPE_KEYS.items()},
         layer_norm_eps=hf_cfg.get("layer_norm_epsilon", 1e-5),
     )

@@ -1,27 +1,32 @@
-"""What a run reports: throughput, MFU, memory, and where it writes them.
+"""What a run measures: throughput, MFU, memory, and where a step's time goes.
 
-`metrics.jsonl` in the run directory gets one JSON object per logged step; the console gets one
-plain line per logged step (readable in a SLURM log file), also appended to `train.log` in the
-run directory; a progress bar is drawn only when stderr is a terminal. Only global rank 0
-writes.
+:class:`StepMeter` owns the numbers of one log window (the steps since the last record): it
+times the data wait, the optimizer step and the checkpoint stall, and turns them, with the
+loss and the model's FLOPs, into the record written per log step (`trainer.logger`).
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / the devices' peak FLOP/s, where a
+token costs 6 x parameters + attention FLOPs (forward + backward; `trainer.model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
-import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from trainer.run_dir import METRICS, TRAIN_LOG, append_jsonl, read_jsonl, rewrite_jsonl
+from trainer import distributed
+from trainer.config import Config
+from trainer.model import flops_per_token
+from trainer.state import TrainState
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+TIMED = ("data", "optimizer", "checkpoint")  # where a step's time goes, besides compute
 
 
 def peak_tflops(device: torch.device, configured: float | None) -> float | None:
@@ -49,89 +54,112 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class MetricsLogger:
-    """Writes `metrics.jsonl` and console lines (rank 0 only)."""
+def memory_per_rank(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> dict[str, float]:
+    """Peak device memory and the bytes of parameters + gradients + optimizer state held by
+    this rank during a step (sharded tensors count only their local shard); max over ranks."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        max_steps: int,
-        start_step: int,
-        enabled: bool,
-        progress: bool,
-        sinks: list | None = None,
-    ):
-        self.enabled = enabled
-        self.sinks = sinks or []  # TensorBoard / W&B (trainer.loggers)
-        self.max_steps = max_steps
-        self.path = run_dir / METRICS
-        self.text_log = run_dir / TRAIN_LOG
-        self.bar = None
-        if not enabled:
-            return
-        self._drop_records_after(start_step)
-        if progress and sys.stderr.isatty():
-            self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    def local_bytes(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
 
-    def _drop_records_after(self, step: int) -> None:
-        """On resume, forget steps logged after the checkpoint: they are about to be redone.
-        A torn last line (a crash or a full disk mid-write) goes too."""
-        if self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-            rewrite_jsonl(self.path, kept)
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            log_line(self.text_log.parent, text, self.bar.write if self.bar else None)
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        append_jsonl(self.path, record)
-        for sink in self.sinks:
-            sink.log(record, record["step"])
-        self.print(format_line(record, self.max_steps))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        for sink in self.sinks:
-            sink.close()
-
-
-def log_line(run_dir: Path, text: str, show: Any = None) -> None:
-    """One time-stamped line on the console (or through `show`) and in `train.log`."""
-    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
-    with open(Path(run_dir) / TRAIN_LOG, "a") as f:
-        f.write(line + "\n")
-    if show is not None:
-        show(line)
-    else:
-        print(line, flush=True)
-
-
-def format_line(r: dict[str, Any], max_steps: int) -> str:
-    parts = [f"step {r['step']}/{max_steps}"]
-    if "loss" in r:
-        parts.append(f"loss {r['loss']:.4f}")
-    if "val_loss" in r:
-        parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
-    if "lr" in r:
-        parts.append(f"lr {r['lr']:.2e}")
-    if "grad_norm" in r:
-        parts.append(f"gnorm {r['grad_norm']:.2f}")
-    if "tokens_per_s" in r:
-        parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
-    if r.get("mfu") is not None:
-        parts.append(f"mfu {100 * r['mfu']:.1f}%")
-    if "memory_gib" in r:
-        parts.append(f"mem {r['memory_gib']:.2f} GiB")
-    return " | ".join(parts)
+    params = list(module.parameters())
+    state = sum(local_bytes(p) for p in params)
+    # Gradients (freed by zero_grad before we get here) are as large as their parameters.
+    state += sum(local_bytes(p) for p in params if p.requires_grad)
+    state += sum(
+        local_bytes(v)
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
+    per_rank = distributed.all_gather_floats([peak_memory_gib(device), state / 2**30], device)
+    return {
+        "memory_gib": max(r[0] for r in per_rank),
+        "state_gib": max(r[1] for r in per_rank),
+        "memory_gib_per_device": [round(r[0], 4) for r in per_rank],
+    }
 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+class StepMeter:
+    """Throughput, MFU, memory and time per step over each log window."""
+
+    def __init__(
+        self, cfg: Config, n_params: int, device: torch.device, world_size: int, state: TrainState
+    ):
+        t = cfg.train
+        self.tokens_per_step = (
+            t.micro_batch_size * t.grad_accum * cfg.parallel.dp_size * cfg.model.block_size
+        )
+        self.flops_per_step = flops_per_token(cfg.model, n_params) * self.tokens_per_step
+        self.peak = peak_tflops(device, cfg.log.peak_tflops)
+        self.device, self.world_size, self.state = device, world_size, state
+        if state.tokens is None:  # a checkpoint that did not record it: the same batch so far
+            state.tokens = state.step * self.tokens_per_step
+        self._elapsed_before = state.elapsed_s
+        self._attempt_start = time.perf_counter()
+        self.new_window()
+
+    def new_window(self) -> None:
+        """Start the next log window (after the record is written)."""
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.seconds = dict.fromkeys(TIMED, 0.0)
+
+    @contextlib.contextmanager
+    def timing(self, what: str) -> Iterator[None]:
+        """Add the time spent inside to `what` (data, optimizer or checkpoint)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[what] += time.perf_counter() - started
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+        self.state.tokens += self.tokens_per_step
+        self.state.elapsed_s = self.elapsed_s()
+
+    def elapsed_s(self) -> float:
+        """Training time of the run so far, over every attempt."""
+        return self._elapsed_before + time.perf_counter() - self._attempt_start
+
+    def record(
+        self,
+        lr: float,
+        loss_and_count: torch.Tensor,
+        grad_norm: torch.Tensor,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Any]:
+        """The record of this log window (collective: the loss is averaged over the ranks,
+        memory gathered from them)."""
+        loss_sum, count = distributed.all_reduce_sum(loss_and_count).tolist()
+        record = {
+            "step": self.state.step,
+            "loss": loss_sum / count,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+        }
+        now = time.perf_counter()  # after the collectives: the window's work is done
+        steps = max(self.window_steps, 1)
+        step_time = (now - self.window_start) / steps
+        record |= {
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "tokens_per_s_per_device": self.tokens_per_step / step_time / self.world_size,
+            "mfu": self.flops_per_step / step_time / self.world_size / (self.peak * 1e12)
+            if self.peak
+            else None,
+            **memory_per_rank(module, optimizer, self.device),
+            "tokens": self.state.tokens,
+            "elapsed_s": self.elapsed_s(),
+            # where a step's time went (averages over the window, this rank's view)
+            "time_step_s": step_time,
+            **{f"time_{what}_s": self.seconds[what] / steps for what in TIMED},
+            "restarts": self.state.restarts,
+        }
+        return record

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # this module is imported before torch, to catch signals early
+    import torch
 
 # USR1: our sbatch script's --signal; USR2: submitit's; TERM: the end of the time limit;
 # INT: Ctrl-C (a second Ctrl-C aborts at once, without a checkpoint).
@@ -47,3 +52,43 @@ class StopOnSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class StopController:
+    """After each step: stop now? The one place that decides, on every rank alike.
+
+    A stop comes from a signal (this process's :class:`StopOnSignal`: the launcher's, installed
+    early so that none is lost during start-up, or one of its own) or from
+    `requested(step)` (tests, benchmarks). Any rank's reason stops every rank at the same
+    step: the flag is all-reduced, so the ranks save the same checkpoint together.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        world_size: int,
+        requested: Callable[[int], bool] | None = None,
+        signals: StopOnSignal | None = None,
+    ):
+        from trainer.distributed import broadcast_flag  # torch: not at this module's import
+
+        self.device, self.world_size, self.requested = device, world_size, requested
+        self._any_rank = broadcast_flag
+        self._owns_signals = signals is None
+        self.signals = signals if signals is not None else StopOnSignal()
+        self.reason: str | None = None  # why the run stops early, once it does
+
+    def __call__(self, step: int) -> bool:
+        """Collective: True on every rank if any rank wants to stop after `step`."""
+        received = self.signals.received
+        stop = received is not None or (self.requested is not None and self.requested(step))
+        if self.world_size > 1:
+            stop = self._any_rank(stop, self.device)
+        if stop:
+            self.reason = f"signal {received.name}" if received else "stop requested"
+        return stop
+
+    def close(self) -> None:
+        """Put back the previous signal handlers (only those this controller installed)."""
+        if self._owns_signals:
+            self.signals.restore()

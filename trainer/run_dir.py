@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from data_prep.shards import atomic_output
+from data_prep.errors import UserError
+from data_prep.files import atomic_output
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -31,8 +32,10 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory that cannot be used: locked by another trainer, unwritable, ..."""
+
+    same_on_every_rank = True  # rank 0 asks for the lock and tells the others
 
 
 def read_jsonl(
@@ -79,8 +82,6 @@ def rewrite_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Replace a JSONL file with `records` atomically (temporary file, fsync, rename)."""
     with atomic_output(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def named(err: OSError, path: str | Path) -> OSError:

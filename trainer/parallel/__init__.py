@@ -23,7 +23,7 @@ from trainer.config import Config, ConfigError
 from trainer.model import GPT
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
-from trainer.parallel.mesh import Layout, build_layout, check_layout
+from trainer.parallel.mesh import Layout, build_layout
 from trainer.parallel.pipeline import (
     build_schedule,
     split_model,
@@ -33,7 +33,7 @@ from trainer.parallel.pipeline import (
 )
 from trainer.parallel.tensor_parallel import apply_tp
 
-__all__ = ["Layout", "ParallelModel", "build_layout", "check_layout", "parallelize"]
+__all__ = ["Layout", "ParallelModel", "build_layout", "parallelize"]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -34,41 +34,6 @@ class Layout:
     @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
-
-
-def check_layout(cfg: Config) -> None:
-    """Layouts that cannot work, as one-line errors, before anything is built."""
-    p, m = cfg.parallel, cfg.model
-    if m.n_head % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide model.n_head={m.n_head}")
-    if (4 * m.n_embd) % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} must divide the MLP width 4*model.n_embd")
-    if p.pp > m.n_layer:
-        raise ConfigError(f"parallel.pp={p.pp} is larger than model.n_layer={m.n_layer}")
-    if p.pp > 1 and p.pp_microbatches < p.pp:
-        raise ConfigError(
-            f"parallel.pp_microbatches={p.pp_microbatches} must be at least parallel.pp={p.pp}"
-        )
-    if p.pp > 1 and cfg.train.micro_batch_size % p.pp_microbatches:
-        raise ConfigError(
-            f"parallel.pp_microbatches={p.pp_microbatches} must divide "
-            f"train.micro_batch_size={cfg.train.micro_batch_size}"
-        )
-    if p.tp > 1 and p.dp_replicate > 1 and p.dp_shard == 1:
-        raise ConfigError(
-            "parallel: tensor parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
-            "supported; shard instead (dp_shard>1, i.e. FSDP or HSDP)"
-        )
-    if p.pp > 1 and p.dp_replicate > 1 and p.dp_shard == 1:
-        raise ConfigError(
-            "parallel: pipeline parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
-            "supported; use dp_shard (FSDP) for the data-parallel part"
-        )
-    sharded = p.dp_shard > 1 or p.tp > 1 or p.pp > 1
-    if cfg.precision == "fp16" and sharded:
-        raise ConfigError("precision=fp16 works with single/DDP layouts only; use bf16")
-    if cfg.train.compile and p.pp > 1:
-        raise ConfigError("train.compile=true is not supported with pipeline parallel (pp>1)")
 
 
 def build_layout(cfg: Config, device_type: str, world_size: int) -> Layout:

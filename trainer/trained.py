@@ -1,0 +1,45 @@
+"""A trained model read back from a checkpoint: for generation, export and evaluation.
+
+`path` may be a run directory (its newest complete checkpoint) or one checkpoint folder; the
+checkpoint is checked against its checksums before anything is loaded (`trainer.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data_prep.tokenizers import BPE_FILE, Tokenizer, get_tokenizer
+from trainer import checkpoint, resume
+from trainer.config import model_config
+from trainer.model import GPT
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """The model of a checkpoint (a run directory's newest, or one folder) and its trainer
+    state, with `checkpoint_dir` added (where files such as a trained tokenizer are)."""
+    folder = resume.resolve(path)
+    state = {**checkpoint.read_trainer_state(folder), "checkpoint_dir": str(folder)}
+    # The saved model section on today's defaults (a key added since is filled in).
+    model = GPT(model_config(state["config"]["model"], dropout=0.0))
+    checkpoint.load(folder, model)
+    return model.to(device).eval(), state
+
+
+def checkpoint_tokenizer(state: dict, name: str | None = None) -> Tokenizer:
+    """Tokenizer `name` for a checkpoint (default: the run's own, `data.tokenizer`); a trained
+    BPE is read from the checkpoint folder (`state` as returned by `load_model`)."""
+    trained = state["config"]["data"]["tokenizer"]
+    name = name or trained
+    folder = Path(state["checkpoint_dir"])
+    if name == "bpe" and not (folder / BPE_FILE).is_file():
+        if trained == "bpe":
+            instead = f"the run was trained with it: copy the dataset's {BPE_FILE} into it"
+        else:
+            instead = f"use tokenizer={trained}, the one the run was trained with"
+        raise checkpoint.CheckpointError(
+            f"tokenizer=bpe: checkpoint {folder} carries no trained BPE tokenizer "
+            f"({BPE_FILE}); {instead}"
+        )
+    return get_tokenizer(name, folder)
