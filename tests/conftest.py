@@ -17,7 +17,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 # The trainer's keys of cluster_configs/data/dummy.yaml (the defaults are data=sample's).
-DUMMY_DATA = {"name": "dummy", "kind": "dummy", "path": None, "tokenizer": "bytes", "vocab_size": 257}
+DUMMY_DATA = {
+    "name": "dummy",
+    "kind": "dummy",
+    "path": None,
+    "tokenizer": "bytes",
+    "vocab_size": 257,
+}
 
 
 def tiny_config(run_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
