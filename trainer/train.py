@@ -113,27 +113,15 @@ def train(
         if world.is_main:
             log_line(run_dir, already_complete(cfg, start))
         return result
-    if world.is_main:  # a read-only or full disk shows now, not at the first checkpoint
-        run_files.check_writable(run_dir / run_files.CHECKPOINTS)
-        write_text_atomic(run_dir / run_files.CONFIG, OmegaConf.to_yaml(to_dict(cfg)))
+    if world.is_main:
+        prepare_run_dir(cfg, run_dir)
 
     parts = build_parts(cfg, world, device)
     module, optimizer = parts.pm.module, parts.optimizer
     state = TrainState(origin=start.origin)
     log = MetricsLogger(run_dir, t.max_steps, start.step, world.is_main, cfg.log.progress)
     guard = FiniteGuard(module, device)
-    checkpointer = Checkpointer(
-        run_dir,
-        cfg.checkpoint,
-        module,
-        optimizer,
-        counters=state,
-        parts={"data": parts.loader, "grad_scaler": parts.scaler},
-        config=to_dict(cfg),
-        extra_files=tokenizer_files(cfg),
-        log=log.print,
-        before_save=guard.check,
-    )
+    checkpointer = build_checkpointer(cfg, parts, state, log, guard)
     load_s = checkpointer.restore(start.path, start.saved) if start.path else 0.0
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
@@ -222,6 +210,31 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return TrainingParts(pm, optimizer, scaler, loader, full_model.num_params())
+
+
+def build_checkpointer(
+    cfg: Config, parts: TrainingParts, state: TrainState, log: MetricsLogger, guard: FiniteGuard
+) -> Checkpointer:
+    """Every part that a checkpoint holds, registered once."""
+    return Checkpointer(
+        Path(cfg.run.dir),
+        cfg.checkpoint,
+        parts.pm.module,
+        parts.optimizer,
+        counters=state,
+        parts={"data": parts.loader, "grad_scaler": parts.scaler},
+        config=to_dict(cfg),
+        extra_files=tokenizer_files(cfg),
+        log=log.print,
+        before_save=guard.check,  # a non-finite state never becomes a checkpoint
+    )
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Rank 0: a read-only or full disk shows now, not at the first checkpoint; the config
+    the run trains with goes to `config.yaml`."""
+    run_files.check_writable(run_dir / run_files.CHECKPOINTS)
+    write_text_atomic(run_dir / run_files.CONFIG, OmegaConf.to_yaml(to_dict(cfg)))
 
 
 def tokenizer_files(cfg: Config) -> list[Path]:
