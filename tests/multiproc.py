@@ -196,5 +196,6 @@ def reshard_worker(rank: int, cfg: Mapping[str, Any], source: str, dest_run_dir:
     from trainer import checkpoint
 
     _, pm, optimizer = build_training_state(cfg)
-    state = checkpoint.load(source, pm.module, optimizer)
+    checkpoint.load(source, pm.module, optimizer)
+    state = checkpoint.read_trainer_state(source)
     return str(checkpoint.save(dest_run_dir, state["step"], pm.module, optimizer, state, keep=1))

@@ -376,10 +376,10 @@ def load(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     checked: bool = False,
-) -> dict[str, Any]:
+) -> None:
     """Load a checkpoint into `model` (and `optimizer`, and this rank's RNG), after checking
-    every file against its checksum (collective) unless the caller just `checked` it.
-    Returns the trainer state."""
+    every file against its checksum (collective) unless the caller just `checked` it. The
+    trainer state (`read_trainer_state`) is the caller's to read, once."""
     path = Path(path)
     problem = None if checked else check(path)
     if problem is not None:
@@ -401,7 +401,6 @@ def load(
         raise _one_line(err, path, "loading") from None
     if rng_key in state:
         set_rng_state(state[rng_key])
-    return read_trainer_state(path)
 
 
 # --- the manager ------------------------------------------------------------------------
