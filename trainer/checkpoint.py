@@ -465,6 +465,7 @@ class Checkpointer:
             **self.counters.state_dict(),
             **{name: part.state_dict() for name, part in self.parts.items()},
             "config": self.config,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         }
         self._pending = start_save(
             self.run_dir,

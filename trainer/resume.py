@@ -228,7 +228,8 @@ def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> l
         lines.append(f"global batch {batch[1]} -> {batch[0]} sequences per step")
     layout = _layout(now), _layout(then)
     if layout[0] != layout[1]:
-        lines.append(f"layout {layout[1]} -> {layout[0]} (resharded on load)")
+        ranks = f" from {saved['world_size']} ranks" if "world_size" in saved else ""
+        lines.append(f"layout {layout[1]} -> {layout[0]} (resharded on load{ranks})")
     return lines
 
 
