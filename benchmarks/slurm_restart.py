@@ -28,6 +28,7 @@ from pathlib import Path
 
 from benchmarks.common import append_results
 from jobs.status import last_step
+from trainer.checkpoint_files import COMPLETE_MARK
 from trainer.run_dir import CHECKPOINTS
 
 
@@ -69,8 +70,8 @@ def measure(model: str, profile: str, work: Path, steps_before: int) -> dict[str
         t_signal = time.monotonic()
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
         ckpts = run_dir / CHECKPOINTS
-        t_saved = wait_until(lambda: any(ckpts.glob("step_*/complete.json")), 600, "checkpoint")
-        saved_step = max(int(p.parent.name[5:]) for p in ckpts.glob("step_*/complete.json"))
+        t_saved = wait_until(lambda: any(ckpts.glob(f"step_*/{COMPLETE_MARK}")), 600, "checkpoint")
+        saved_step = max(int(p.parent.name[5:]) for p in ckpts.glob(f"step_*/{COMPLETE_MARK}"))
         wait_until(lambda: job_state(job) != "RUNNING", 600, "the job to stop")
         t_running = wait_until(lambda: job_state(job) == "RUNNING", 600, "the requeued job")
         t_resumed = wait_until(lambda: last_step(run_dir) > saved_step, 900, "a resumed step")

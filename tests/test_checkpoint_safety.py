@@ -17,20 +17,27 @@ from jobs import generate as generate_cli
 from jobs.train import main as train_main
 from trainer import resume
 from trainer.checkpoint import CheckpointError
-from trainer.checkpoint_files import CHECKSUM, METADATA, checksum_file, read_metadata
-from trainer.run_dir import read_jsonl
+from trainer.checkpoint_files import (
+    CHECKSUM,
+    COMPLETE_MARK,
+    METADATA,
+    TRAINER_STATE,
+    checksum_file,
+    read_metadata,
+)
+from trainer.run_dir import CHECKPOINTS, METRICS, TRAIN_LOG, read_jsonl
 from trainer.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def step_dir(cfg: dict, step: int) -> Path:
-    return Path(cfg["run"]["dir"]) / "checkpoints" / f"step_{step}"
+    return Path(cfg["run"]["dir"]) / CHECKPOINTS / f"step_{step}"
 
 
 def reseal(folder: Path) -> None:
     """Recompute complete.json for the files as they are now (what an attacker would do)."""
-    mark = folder / "complete.json"
+    mark = folder / COMPLETE_MARK
     listed = json.loads(mark.read_text())
     for name in listed["files"]:
         listed["files"][name] = {
@@ -145,20 +152,20 @@ def test_damaged_newest_checkpoint_falls_back_with_a_reason(tiny, damage):
         (newest / METADATA).write_bytes(b"\xff\xfe garbage" * 10)
         reseal(newest)  # sizes and sums match: only the parse can tell
     elif damage == "trainer_state_edit":
-        state = json.loads((newest / "trainer_state.json").read_text())
+        state = json.loads((newest / TRAINER_STATE).read_text())
         state["data"]["samples_consumed"] = state["data"].get("samples_consumed", 0) + 1
-        (newest / "trainer_state.json").write_text(json.dumps(state))
+        (newest / TRAINER_STATE).write_text(json.dumps(state))
     elif damage == "trainer_state_json":
-        (newest / "trainer_state.json").write_text("{not json")
+        (newest / TRAINER_STATE).write_text("{not json")
         reseal(newest)
     else:
-        (newest / "complete.json").write_text("{")
+        (newest / COMPLETE_MARK).write_text("{")
     cfg["train"]["max_steps"] = 6
     result = run(cfg)
     assert result.resumed_from == step_dir(cfg, 2)
-    log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    log = (Path(cfg["run"]["dir"]) / TRAIN_LOG).read_text()
     assert "skipping checkpoint step_4:" in log
-    moved = list((Path(cfg["run"]["dir"]) / "checkpoints").glob("broken-*/step_4"))
+    moved = list((Path(cfg["run"]["dir"]) / CHECKPOINTS).glob("broken-*/step_4"))
     assert len(moved) == 1  # kept for a post-mortem, never pruned or overwritten
     assert {s: result.losses[s] for s in (3, 4, 5, 6)} == {s: whole.losses[s] for s in (3, 4, 5, 6)}
 
@@ -167,13 +174,13 @@ def test_all_checkpoints_broken_refuses_instead_of_starting_afresh(trained, caps
     for step in (2, 4):
         flip_byte(next(step_dir(trained, step).glob("*.distcp")))
     run_dir = Path(trained["run"]["dir"])
-    history = (run_dir / "metrics.jsonl").read_text()
+    history = (run_dir / METRICS).read_text()
     with pytest.raises(SystemExit) as exit_info:
         train_main(["data=dummy", f"run.dir={run_dir}", "device=cpu", "log.progress=false"])
     assert exit_info.value.code == 2
     line = one_error_line(capsys, "dlt-train")
     assert "none of its 2 checkpoint(s) can be resumed" in line and "step_4" in line
-    assert (run_dir / "metrics.jsonl").read_text() == history  # nothing erased
+    assert (run_dir / METRICS).read_text() == history  # nothing erased
     assert step_dir(trained, 2).is_dir() and step_dir(trained, 4).is_dir()
     # resume=none refuses too: a fresh start needs another run.dir
     with pytest.raises(SystemExit):
@@ -189,32 +196,31 @@ def test_explicit_older_resume_moves_newer_checkpoints_aside(tiny):
     back["train"] = dict(cfg["train"], max_steps=6, lr=5e-4)  # a different future
     result = run(back, stop_requested=lambda step: step == 5)
     assert result.resumed_from == step_dir(cfg, 4) and result.step == 5
-    aside = list((run_dir / "checkpoints").glob("abandoned-*"))
+    aside = list((run_dir / CHECKPOINTS).glob("abandoned-*"))
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_6", "step_8"]
-    log = (run_dir / "train.log").read_text()
+    log = (run_dir / TRAIN_LOG).read_text()
     assert "moved aside" in log and "checkpoint saved: " + str(step_dir(cfg, 5)) in log
     # after a crash, resume=auto continues the new line of steps, not the abandoned one
     again = run(dict(back, resume="auto"))
     assert again.resumed_from == step_dir(cfg, 5) and again.step == 6
     assert (
-        json.loads((step_dir(cfg, 6) / "trainer_state.json").read_text())["config"]["train"]["lr"]
-        == 5e-4
+        json.loads((step_dir(cfg, 6) / TRAINER_STATE).read_text())["config"]["train"]["lr"] == 5e-4
     )
 
 
 def test_a_complete_run_says_so_and_trains_nothing(trained, capsys):
     run_dir = Path(trained["run"]["dir"])
-    history = (run_dir / "metrics.jsonl").read_text()
+    history = (run_dir / METRICS).read_text()
     result = run(trained)
     assert result.step == 4 and result.losses == {}
     assert "is already complete: step 4 of train.max_steps=4" in capsys.readouterr().out
-    assert (run_dir / "metrics.jsonl").read_text() == history
+    assert (run_dir / METRICS).read_text() == history
 
 
 def test_checksums_are_recorded_for_every_file(trained):
     folder = step_dir(trained, 4)
-    files = json.loads((folder / "complete.json").read_text())["files"]
-    assert set(files) == {p.name for p in folder.iterdir()} - {"complete.json"}
+    files = json.loads((folder / COMPLETE_MARK).read_text())["files"]
+    assert set(files) == {p.name for p in folder.iterdir()} - {COMPLETE_MARK}
     for name, entry in files.items():
         assert entry == {
             "size": (folder / name).stat().st_size,
@@ -224,8 +230,8 @@ def test_checksums_are_recorded_for_every_file(trained):
 
 def test_other_format_version_is_refused(trained, capsys):
     folder = step_dir(trained, 4)
-    state = json.loads((folder / "trainer_state.json").read_text())
-    (folder / "trainer_state.json").write_text(json.dumps({**state, "format_version": 99}))
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    (folder / TRAINER_STATE).write_text(json.dumps({**state, "format_version": 99}))
     reseal(folder)
     with pytest.raises(CheckpointError, match="format_version 99"):
         resume.resolve(folder)
@@ -242,7 +248,7 @@ def test_resume_path_must_name_a_step_folder(trained, tmp_path, capsys):
 def test_torn_metrics_line_does_not_block_resume(tiny):
     cfg = tiny("torn", checkpoint={"interval": 0})
     run(cfg, stop_requested=lambda step: step == 3)
-    metrics = Path(cfg["run"]["dir"]) / "metrics.jsonl"
+    metrics = Path(cfg["run"]["dir"]) / METRICS
     with open(metrics, "a") as f:
         f.write('{"step": 4, "lo')  # a full disk mid-write
     result = run(cfg)
@@ -275,26 +281,26 @@ def test_a_restarted_explicit_resume_continues_instead_of_starting_over(trained,
     assert first.resumed_from == step_dir(trained, 2) and first.step == 5
     again = run(cfg)  # the same command line, as a requeued job runs it
     assert again.resumed_from == step_dir(cfg, 5) and again.step == 8
-    assert not list((Path(cfg["run"]["dir"]) / "checkpoints").glob("abandoned-*"))
-    log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    assert not list((Path(cfg["run"]["dir"]) / CHECKPOINTS).glob("abandoned-*"))
+    log = (Path(cfg["run"]["dir"]) / TRAIN_LOG).read_text()
     assert "continuing this run from step_5, which descends from it" in log
 
 
 def test_a_refused_explicit_resume_moves_nothing(tiny, capsys):
     cfg = tiny("refused_rollback", train={"max_steps": 6}, checkpoint={"interval": 2})
     run(cfg)
-    before = sorted(p.name for p in (Path(cfg["run"]["dir"]) / "checkpoints").iterdir())
+    before = sorted(p.name for p in (Path(cfg["run"]["dir"]) / CHECKPOINTS).iterdir())
     args = ["data=dummy", f"run.dir={cfg['run']['dir']}", "device=cpu", "model.n_layer=3"]
     with pytest.raises(SystemExit):
         train_main([*args, f"resume={step_dir(cfg, 2)}"])
     assert "model.n_layer=3 but checkpoint" in one_error_line(capsys, "dlt-train")
-    assert sorted(p.name for p in (Path(cfg["run"]["dir"]) / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in (Path(cfg["run"]["dir"]) / CHECKPOINTS).iterdir()) == before
 
 
 def test_another_format_version_is_refused_not_skipped(trained, capsys):
     folder = step_dir(trained, 4)
-    state = json.loads((folder / "trainer_state.json").read_text())
-    (folder / "trainer_state.json").write_text(json.dumps({**state, "format_version": 2}))
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    (folder / TRAINER_STATE).write_text(json.dumps({**state, "format_version": 2}))
     reseal(folder)
     with pytest.raises(SystemExit):
         train_main(["data=dummy", f"run.dir={trained['run']['dir']}", "device=cpu"])

@@ -22,6 +22,7 @@ from data_prep.tokenizers import BPE_FILE
 from jobs import generate as generate_cli
 from trainer.config import ConfigError
 from trainer.data import BatchLoader, ShardTokens
+from trainer.run_dir import CHECKPOINTS, CONFIG
 from trainer.train import run
 
 EOT = "<|endoftext|>"
@@ -317,7 +318,7 @@ def test_trainer_reads_the_shards_with_vocab_from_manifest(tiny, text_dataset, m
     result = run(cfg)
     assert result.step == 6
     assert set(range(6 * 2)) <= set(read)  # 6 steps of 2 samples came from the shards
-    saved = OmegaConf.load(Path(cfg["run"]["dir"]) / "config.yaml")
+    saved = OmegaConf.load(Path(cfg["run"]["dir"]) / CONFIG)
     assert saved.model.vocab_size == 257
     assert saved.data.tokenizer == "bytes" and saved.data.vocab_size == 257
 
@@ -346,7 +347,7 @@ def test_config_mismatch_with_the_dataset(tiny, text_dataset, data, model, key):
     cfg = tiny(data=shard_data(text_dataset, **data), model={"vocab_size": None, **model})
     with pytest.raises(ConfigError, match=key):
         run(cfg)
-    assert not (Path(cfg["run"]["dir"]) / "checkpoints").exists()
+    assert not (Path(cfg["run"]["dir"]) / CHECKPOINTS).exists()
 
 
 def broken_copy(src: Path, dst: Path, how: str) -> str:
@@ -418,7 +419,7 @@ def test_checkpoint_carries_the_trained_tokenizer(tiny, tmp_path, capsys):
     cfg = tiny(data=shard_data(ds), model={"vocab_size": None}, train={"max_steps": 2})
     result = run(cfg)
     assert (result.last_checkpoint / BPE_FILE).read_bytes() == tokenizer_bytes
-    saved = OmegaConf.load(Path(cfg["run"]["dir"]) / "config.yaml")
+    saved = OmegaConf.load(Path(cfg["run"]["dir"]) / CONFIG)
     manifest = json.loads((ds / MANIFEST).read_text())
     assert manifest["tokenizer"]["name"] == "bpe"
     assert saved.data.tokenizer == "bpe"

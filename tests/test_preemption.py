@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.run_dir import METRICS, read_jsonl
+from trainer.checkpoint_files import COMPLETE_MARK
+from trainer.run_dir import CHECKPOINTS, METRICS, read_jsonl
 
 TRAIN = [
     "data=dummy",
@@ -76,7 +77,7 @@ def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, sig):
     stopped = max(losses(split))
     assert 5 <= stopped < 150, "the signal must stop the run early"
     assert f"stopping at step {stopped} (signal {sig.name})" in out
-    assert (split / "checkpoints" / f"step_{stopped}" / "complete.json").is_file()
+    assert (split / CHECKPOINTS / f"step_{stopped}" / COMPLETE_MARK).is_file()
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     assert losses(split) == losses(whole)  # bitwise: the same run, interrupted or not
 
@@ -106,6 +107,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     stopped = max(losses(run_dir))
     assert stopped < 150
     # one complete checkpoint holding both ranks' state, written at the agreed step
-    ckpt = run_dir / "checkpoints" / f"step_{stopped}"
-    assert (ckpt / "complete.json").is_file()
+    ckpt = run_dir / CHECKPOINTS / f"step_{stopped}"
+    assert (ckpt / COMPLETE_MARK).is_file()
     assert {p.name for p in ckpt.glob("__*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}

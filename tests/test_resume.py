@@ -10,7 +10,7 @@ import pytest
 from trainer import checkpoint, resume
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError
-from trainer.run_dir import METRICS, read_jsonl
+from trainer.run_dir import CHECKPOINTS, CONFIG, METRICS, read_jsonl
 from trainer.train import run
 
 
@@ -35,7 +35,7 @@ def test_resume_is_bitwise_exact(tiny, stop_at, sections):
     first = run(cfg, stop_requested=lambda step: step == stop_at)
     assert first.step == stop_at
     second = run(cfg)
-    assert second.resumed_from == Path(cfg["run"]["dir"]) / "checkpoints" / f"step_{stop_at}"
+    assert second.resumed_from == Path(cfg["run"]["dir"]) / CHECKPOINTS / f"step_{stop_at}"
     assert len(whole.losses) == 6
     assert {**first.losses, **second.losses} == whole.losses  # float equality: bitwise
     # metrics.jsonl reads as one uninterrupted run
@@ -45,7 +45,7 @@ def test_resume_is_bitwise_exact(tiny, stop_at, sections):
 def test_resume_drops_metrics_logged_after_the_checkpoint(tiny):
     cfg = tiny(checkpoint={"interval": 2})
     run(cfg, stop_requested=lambda step: step == 3)
-    shutil.rmtree(Path(cfg["run"]["dir"]) / "checkpoints" / "step_3")  # as if step 3 never saved
+    shutil.rmtree(Path(cfg["run"]["dir"]) / CHECKPOINTS / "step_3")  # as if step 3 never saved
     result = run(cfg)
     assert result.resumed_from.name == "step_2"
     assert [r["step"] for r in metrics(Path(cfg["run"]["dir"]))] == [1, 2, 3, 4, 5, 6]
@@ -57,12 +57,12 @@ def test_checkpoint_holds_state_and_keeps_last_k(tiny):
     run_dir = Path(cfg["run"]["dir"])
     kept = checkpoint.list_complete(run_dir)
     assert [p.name for p in kept] == ["step_5", "step_6"]
-    assert not list((run_dir / "checkpoints").glob(".step_*"))  # no temporary leftovers
+    assert not list((run_dir / CHECKPOINTS).glob(".step_*"))  # no temporary leftovers
     state = checkpoint.read_trainer_state(result.last_checkpoint)
     assert state["step"] == 6
     assert state["data"]["samples_consumed"] == 6 * 2
     assert state["config"]["model"]["n_embd"] == 32
-    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / CONFIG).is_file()
 
 
 def _break_last(run_dir: Path, how: str) -> Path:
@@ -99,7 +99,7 @@ def test_abandoned_temporary_checkpoint_is_ignored(tiny):
     cfg = tiny()
     run(cfg)
     run_dir = Path(cfg["run"]["dir"])
-    partial = run_dir / "checkpoints" / ".step_9.tmp"
+    partial = run_dir / CHECKPOINTS / ".step_9.tmp"
     partial.mkdir()
     (partial / "__0_0.distcp").write_bytes(b"partial")
     assert checkpoint.latest(run_dir).name == "step_6"
@@ -124,7 +124,7 @@ def test_explicit_resume_path_continues_in_a_new_run_dir(tiny):
     first = tiny("first")
     run(first, stop_requested=lambda step: step == 2)
     whole = run(tiny("whole"))
-    ckpt = str(Path(first["run"]["dir"]) / "checkpoints" / "step_2")
+    ckpt = str(Path(first["run"]["dir"]) / CHECKPOINTS / "step_2")
     second = run(tiny("second", resume=ckpt))
     assert second.losses == {k: v for k, v in whole.losses.items() if k > 2}
 

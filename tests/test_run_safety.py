@@ -18,7 +18,15 @@ from jobs.train import main as train_main
 from trainer import checkpoint, distributed
 from trainer.config import ConfigError
 from trainer.errors import TrainingError
-from trainer.run_dir import RunDirError, RunDirLock, read_jsonl
+from trainer.run_dir import (
+    CHECKPOINTS,
+    JOBS,
+    METRICS,
+    TRAIN_LOG,
+    RunDirError,
+    RunDirLock,
+    read_jsonl,
+)
 from trainer.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,8 +76,8 @@ def test_second_trainer_is_refused_and_a_killed_holder_does_not_block(tiny, caps
         assert exit_info.value.code == 2
         line = one_error_line(capsys)
         assert f"run.dir {run_dir} is in use by another trainer (pid {holder.pid} on " in line
-        assert not (run_dir / "jobs.jsonl").exists()  # the holder's records are left alone
-        assert not (run_dir / "checkpoints").exists()
+        assert not (run_dir / JOBS).exists()  # the holder's records are left alone
+        assert not (run_dir / CHECKPOINTS).exists()
     finally:
         holder.send_signal(signal.SIGKILL)  # as a preempted node or kill -9 would
         holder.wait()
@@ -91,7 +99,7 @@ def test_diverged_run_is_never_checkpointed(tiny, capsys):
     cfg = tiny("diverged", train={"lr": 1e30, "warmup_steps": 0}, checkpoint={"interval": 1})
     with pytest.raises(TrainingError, match="no longer finite at step 2") as err:
         run(cfg)
-    first = Path(cfg["run"]["dir"]) / "checkpoints" / "step_1"
+    first = Path(cfg["run"]["dir"]) / CHECKPOINTS / "step_1"
     assert f"the last good one is {first}" in str(err.value)
     assert [p.name for p in checkpoint.step_folders(cfg["run"]["dir"])] == ["step_1"]
     with pytest.raises(SystemExit) as exit_info:  # the same through dlt-train: one line
@@ -121,7 +129,7 @@ def test_resume_lists_what_changed(tiny):
     cfg["train"] = dict(cfg["train"], max_steps=6, lr=5e-4, grad_accum=2)
     cfg["parallel"] = {"dp_shard": 1}
     run(cfg)
-    log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    log = (Path(cfg["run"]["dir"]) / TRAIN_LOG).read_text()
     line = next(x for x in log.splitlines() if "resuming with changes:" in x)
     for change in (
         "train.max_steps 4 -> 6",
@@ -155,7 +163,7 @@ def test_explicit_resume_onto_other_data_is_allowed_and_said(tiny):
     other["resume"] = cfg["run"]["dir"]
     result = run(other)
     assert result.step == 3
-    log = (Path(other["run"]["dir"]) / "train.log").read_text()
+    log = (Path(other["run"]["dir"]) / TRAIN_LOG).read_text()
     assert "data.dummy_branching 4 -> 3" in log
 
 
@@ -165,7 +173,7 @@ def test_validation_split_is_checked_before_the_first_step(tiny, tmp_path):
     cfg = tiny("noval", data=data, model={"vocab_size": None}, eval={"interval": 50})
     with pytest.raises(ConfigError, match="eval.interval=50: .*eval.interval=0 trains without"):
         run(cfg)
-    assert not (Path(cfg["run"]["dir"]) / "checkpoints").exists()
+    assert not (Path(cfg["run"]["dir"]) / CHECKPOINTS).exists()
 
 
 def test_cpu_threads_auto_uses_the_free_cores(monkeypatch):
@@ -194,7 +202,7 @@ def test_the_thread_choice_is_in_the_first_line(tiny):
         run(cfg)
     finally:
         torch.set_num_threads(before)
-    first = (Path(cfg["run"]["dir"]) / "train.log").read_text().splitlines()[0]
+    first = (Path(cfg["run"]["dir"]) / TRAIN_LOG).read_text().splitlines()[0]
     assert "1 x cpu (3 threads each)" in first
 
 
@@ -232,12 +240,12 @@ def test_full_disk_is_one_line_and_loses_nothing(tiny, small_disk, capsys):
     assert exit_info.value.code == 2
     line = one_error_line(capsys)
     assert "No space left on device" in line and str(small_disk / "run") in line
-    good = Path(cfg["run"]["dir"]) / "checkpoints" / "step_2"
+    good = Path(cfg["run"]["dir"]) / CHECKPOINTS / "step_2"
     assert checkpoint.check(good) is None  # the last checkpoint is intact
     filler.unlink()  # space again: the run resumes from it and ends as if never stopped
     result = run(cfg)
     assert result.resumed_from == good and result.step == 6
-    losses = {r["step"]: r["loss"] for r in read_jsonl(Path(cfg["run"]["dir"]) / "metrics.jsonl")}
+    losses = {r["step"]: r["loss"] for r in read_jsonl(Path(cfg["run"]["dir"]) / METRICS)}
     assert losses == whole.losses
 
 
@@ -289,7 +297,7 @@ def start_training(
 def wait_for_steps(run_dir: Path, proc: subprocess.Popen, steps: int = 3) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if len(read_jsonl(run_dir / "metrics.jsonl")) >= steps:
+        if len(read_jsonl(run_dir / METRICS)) >= steps:
             return
         time.sleep(0.2)
     proc.kill()
@@ -305,10 +313,10 @@ def test_ctrl_c_checkpoints_and_says_one_line(tmp_path):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
-    last = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
+    last = read_jsonl(run_dir / METRICS)[-1]["step"]
     assert f"stopping at step {last} (signal SIGINT)" in out
     assert checkpoint.latest(run_dir).name == f"step_{last}"
-    assert read_jsonl(run_dir / "jobs.jsonl")[-1]["outcome"] == "stopped"
+    assert read_jsonl(run_dir / JOBS)[-1]["outcome"] == "stopped"
 
 
 @pytest.mark.slow
@@ -339,7 +347,7 @@ def test_ctrl_c_under_torchrun_checkpoints_on_every_rank(tmp_path):
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert "KeyboardInterrupt" not in out  # the workers stop cleanly (torchrun reports itself)
-    last = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
+    last = read_jsonl(run_dir / METRICS)[-1]["step"]
     assert out.count(f"stopping at step {last} (signal SIGINT)") == 1  # rank 0 only
     ckpt = checkpoint.latest(run_dir)
     assert ckpt.name == f"step_{last}" and checkpoint.check(ckpt) is None

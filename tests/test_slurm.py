@@ -25,6 +25,8 @@ import slurm_helpers as slurm
 import yaml
 from slurm_helpers import STEPS, TRAIN, dlt, events, losses, submitted_job, wait_for_job
 
+from trainer.run_dir import CHECKPOINTS, CONFIG
+
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 PROFILE = ["cluster=dlt_local", "cluster.launcher=sbatch"]
@@ -194,7 +196,7 @@ def test_kill_9_of_a_rank_during_a_checkpoint_resumes_from_the_previous_one(refe
     job, run_dir, log = submit_training(tmp_path, "killed", ["cluster.max_restarts=3"])
     slurm.wait_for_step(run_dir, 10)
     rank0 = training_pid(run_dir, rank=0)  # rank 0 is the one that would publish the checkpoint
-    ckpts = run_dir / "checkpoints"
+    ckpts = run_dir / CHECKPOINTS
     for step in (500, 750):  # the first checkpoint caught while it is being written
         deadline = time.monotonic() + 120
         while not (ckpts / f".step_{step}.tmp").exists():
@@ -293,6 +295,6 @@ def test_hostile_values_reach_slurm_and_the_trainer_as_plain_text(tmp_path):
     info = wait_for_job(job, 120)
     assert info["JobState"] == "COMPLETED", info
     assert slurm.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%j"]).strip() == hostile
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = yaml.safe_load((run_dir / CONFIG).read_text())
     assert config["run"]["name"] == hostile
     assert not list(tmp_path.rglob("CANARY"))

@@ -13,7 +13,7 @@ from trainer.data import DummyTokens
 from trainer.hf import load_hf_state_dict, save_hf
 from trainer.model import GPT
 from trainer.optim import lr_at
-from trainer.run_dir import METRICS, read_jsonl
+from trainer.run_dir import METRICS, TRAIN_LOG, read_jsonl
 from trainer.train import run
 
 
@@ -53,7 +53,7 @@ def test_loss_falls_and_metrics_have_every_field(tiny):
     assert [r["step"] for r in val] == [15, 30]
     assert val[1]["val_loss"] < val[0]["val_loss"]
     assert val[1]["val_ppl"] == pytest.approx(math.exp(val[1]["val_loss"]))
-    text_log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
+    text_log = (Path(cfg["run"]["dir"]) / TRAIN_LOG).read_text()
     assert "step 30/30 | loss" in text_log and "checkpoint saved" in text_log
 
 
