@@ -18,6 +18,7 @@ from typing import Any
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, to_dict
+from trainer.run_dir import CONFIG
 
 # A checkpoint's weights fit only a model of the same shape, and its token ids only the same
 # tokenizer.
@@ -142,7 +143,7 @@ def resolve_choice(path: str | Path) -> ResumeChoice:
     """A run directory (its newest usable checkpoint) or one checkpoint folder, checked.
     Reads only: a damaged checkpoint of that run is named, not moved."""
     path = Path(path)
-    if checkpoint.checkpoints_root(path).is_dir() or (path / "config.yaml").is_file():
+    if checkpoint.checkpoints_root(path).is_dir() or (path / CONFIG).is_file():
         choice = newest_usable(path, move_damaged=False)
         if choice.path is None:
             raise checkpoint.CheckpointError(f"{path}: run directory has no checkpoint")

@@ -29,6 +29,7 @@ METRICS = "metrics.jsonl"
 TRAIN_LOG = "train.log"
 JOBS = "jobs.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
 LOCK = ".lock"
 
 

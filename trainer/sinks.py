@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from trainer.config import Config, to_dict
+from trainer.run_dir import TENSORBOARD
 
 NUMERIC = (int, float)
 
@@ -31,7 +32,7 @@ class TensorBoardSink:
         # purge_step: events at or after it (from an attempt that died before checkpointing)
         # are dropped by TensorBoard's reader, so the resumed series continues without repeats.
         self.writer = SummaryWriter(
-            log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            log_dir=str(run_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None
         )
 
     def log(self, record: dict[str, Any], step: int) -> None:
