@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DUMMY_DATA
 
 from jobs.cli import compose_config, training_dict
 from jobs.train import main as train_main
@@ -139,9 +140,7 @@ def test_every_data_preset_takes_every_data_key(preset):
 
 
 def test_auto_mesh_size_fills_the_world():
-    cfg = load_config(
-        {"data": {"kind": "dummy"}, "parallel": {"dp_shard": -1, "tp": 2}}, world_size=8
-    )
+    cfg = load_config({"data": DUMMY_DATA, "parallel": {"dp_shard": -1, "tp": 2}}, world_size=8)
     assert (cfg.parallel.dp_shard, cfg.parallel.tp) == (4, 2)
     with pytest.raises(ConfigError, match="only one size may be -1"):
         load_config({"parallel": {"dp_shard": -1, "tp": -1}}, world_size=4)

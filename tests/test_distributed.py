@@ -32,10 +32,9 @@ from jobs import export
 from jobs.cli import compose_config
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
-from trainer.generate import load_model
-from trainer.parallel import check_layout
 from trainer.run_dir import CHECKPOINTS, METRICS, read_jsonl
 from trainer.train import run
+from trainer.trained import load_model
 
 pytestmark = pytest.mark.multiproc
 
@@ -234,7 +233,7 @@ def assert_close_per_step(
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The run's final parameters as one process sees them (trainer.generate.load_model)."""
+    """The run's final parameters as one process sees them (trainer.trained.load_model)."""
     model, _ = load_model(run_dir)
     return model.state_dict()
 
@@ -427,7 +426,7 @@ def test_async_checkpoint_of_fsdp_run_resumes_exactly(runs, tmp_path):
 def test_bad_layout_is_a_config_error(tmp_path, world, layout, precision, match):
     cfg = config(tmp_path / "run", layout, precision=precision)
     with pytest.raises(ConfigError, match=match):
-        check_layout(load_config(cfg, world_size=world))
+        load_config(cfg, world_size=world)  # the layout rules are part of the one validation
 
 
 def test_bad_layout_fails_before_any_work(tmp_path, monkeypatch):
@@ -447,8 +446,7 @@ def test_every_parallel_preset_is_a_valid_layout(tmp_path):
     assert {"single", "ddp", "fsdp", "zero2", "hsdp", "tp", "fsdp_tp", "pp", "3d"} <= set(names)
     for name in names:
         world = 1 if name == "single" else 4
-        cfg = load_config(config(tmp_path / "run", preset(name)), world_size=world)
-        check_layout(cfg)
+        cfg = load_config(config(tmp_path / "run", preset(name)), world_size=world)  # + layout
         assert cfg.parallel.world_size == world, name
 
 

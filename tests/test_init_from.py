@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jobs.train import main as train_main
-from trainer.config import ModelConfig
+from trainer.config import model_config
 from trainer.hf import hf_config, load_hf, save_hf, to_hf_state_dict
 from trainer.model import GPT
 from trainer.run_dir import CHECKPOINTS
@@ -23,7 +23,7 @@ SHAPES = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size
 def hf_folder(path: Path, **shapes: int) -> Path:
     """A Hugging Face GPT-2 folder of a random model; `shapes` change the training shapes."""
     torch.manual_seed(0)
-    return save_hf(GPT(ModelConfig(**{**SHAPES, **shapes})), path)
+    return save_hf(GPT(model_config(**{**SHAPES, **shapes})), path)
 
 
 def train_error(folder: Path, tmp_path: Path, capsys) -> str:
@@ -102,7 +102,7 @@ def test_folder_without_weights(tmp_path, capsys):
 
 def test_weight_shapes_that_differ_from_config_json(tmp_path, capsys):
     folder = hf_folder(tmp_path / "hf", n_embd=48)  # weights 48 wide ...
-    (folder / "config.json").write_text(json.dumps(hf_config(ModelConfig(**SHAPES))))  # ... "32"
+    (folder / "config.json").write_text(json.dumps(hf_config(model_config(**SHAPES))))  # ... "32"
     line = train_error(folder, tmp_path, capsys)
     assert f"{folder / 'model.safetensors'}: tensor shapes differ from the model's" in line
     assert "transformer.wte.weight" not in line and "tok_emb.weight (257, 48)" in line
@@ -110,7 +110,7 @@ def test_weight_shapes_that_differ_from_config_json(tmp_path, capsys):
 
 def test_weights_with_other_layer_count_or_missing_tensor(tmp_path, capsys):
     folder = hf_folder(tmp_path / "hf", n_layer=3)
-    (folder / "config.json").write_text(json.dumps(hf_config(ModelConfig(**SHAPES))))
+    (folder / "config.json").write_text(json.dumps(hf_config(model_config(**SHAPES))))
     weights = folder / "model.safetensors"
     line = train_error(folder, tmp_path, capsys)
     assert f"{weights}: holds 3 layers, the model has model.n_layer=2" in line
@@ -130,11 +130,11 @@ def test_corrupt_safetensors(tmp_path, capsys):
 
 def test_weights_only_bin_still_loads(tmp_path):
     torch.manual_seed(1)
-    source = GPT(ModelConfig(**SHAPES))
+    source = GPT(model_config(**SHAPES))
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(hf_config(source.cfg)))
     torch.save(to_hf_state_dict(source.state_dict(), source.cfg), folder / "pytorch_model.bin")
-    loaded = load_hf(folder, ModelConfig(**SHAPES))
+    loaded = load_hf(folder, model_config(**SHAPES))
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
