@@ -32,7 +32,7 @@ def one_line(err: BaseException) -> str:
     e: BaseException | None = err
     while e is not None and e not in chain:
         chain.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     for e in chain:
         if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
             return describe_omegaconf_error(e)
@@ -81,13 +81,16 @@ def too_many_digits(overrides: list[str]) -> str:
     return f"a number on the command line has more than the {limit} digits a number may have"
 
 
-def to_schema(schema: type, composed: DictConfig):
-    """The composed config as an instance of dataclass `schema` (unknown keys and wrong types
-    become a one-line ConfigError naming the key)."""
+def to_schema(schema: type, composed: DictConfig, section: str = ""):
+    """The composed config (or its `section`, e.g. `cluster`) as an instance of dataclass
+    `schema`; unknown keys, wrong types and missing values become a one-line ConfigError
+    naming the key."""
+    node = composed[section] if section else composed
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), composed))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:
-        raise ConfigError(describe_omegaconf_error(err)) from None
+        line = describe_omegaconf_error(err)
+        raise ConfigError(f"{section}.{line}" if section else line) from None
 
 
 # Keys of dlt-train's config that say where and how to launch, not what to train.

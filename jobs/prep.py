@@ -38,7 +38,7 @@ class PrepConfig:
 def parse(argv: list[str]) -> tuple[PrepConfig, ClusterProfile, bool]:
     """The prep config, the cluster profile and whether this is a dry run."""
     composed = compose_config("prep", argv)
-    profile = to_schema(ClusterProfile, composed.cluster)
+    profile = to_schema(ClusterProfile, composed, "cluster")
     dry_run = bool(composed.get("dry_run", False))
     check_profile(profile, dry_run)
     keep = [k for k in composed if k not in ("cluster", "dry_run")]

@@ -59,7 +59,7 @@ def train_one(composed: DictConfig) -> str:
     with errors_as_one_line("dlt-train"):
         on_slurm = "submitit" in str(hydra_cfg.launcher.get("_target_", ""))
         if on_slurm and "SLURM_JOB_ID" in os.environ:  # torchrun's processes check the config
-            profile = to_schema(ClusterProfile, composed.cluster)
+            profile = to_schema(ClusterProfile, composed, "cluster")
             overrides = [
                 o
                 for o in strip_cluster_overrides(list(hydra_cfg.overrides.task))
@@ -88,7 +88,7 @@ def check_every_job(argv: list[str]) -> None:
         composed = compose_config("train", job)
         if "${hydra:" in str(OmegaConf.to_container(composed.run)["dir"]):
             composed.run.dir = "runs/sweep-job"  # known only inside Hydra's job
-        profile = to_schema(ClusterProfile, composed.cluster)
+        profile = to_schema(ClusterProfile, composed, "cluster")
         world_size = nodes * profile.processes_per_node if on_slurm else 1
         try:
             resolve_config(training_dict(composed), world_size=world_size)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with errors_as_one_line("dlt-train"):
             composed = compose_config("train", argv)
-            profile = to_schema(ClusterProfile, composed.cluster)
+            profile = to_schema(ClusterProfile, composed, "cluster")
             dry_run = bool(composed.get("dry_run", False))
             check_profile(profile, dry_run)
             # The one validation, with the world size the job will have: before anything is

@@ -172,3 +172,12 @@ def test_a_sweep_is_checked_whole_before_its_first_job_runs(tmp_path, capsys):
     assert "model.n_head=5 must divide model.n_embd=16" in line
     assert "sweep job" in line
     assert not run_dir.exists()
+
+
+def test_a_profile_missing_a_key_names_it_under_cluster(tmp_path, capsys):
+    """Profiles get their values from cluster/slurm.yaml: one that lost a key says which."""
+    with pytest.raises(SystemExit):
+        train_main(["cluster=dlt_local", "~cluster.launcher", "data=dummy", "dry_run=true"])
+    line = one_error_line(capsys, "dlt-train")
+    assert line.startswith("dlt-train: error: cluster.launcher: ")
+    assert "missing mandatory value" in line

@@ -37,7 +37,7 @@ def test_dry_run_prints_the_filled_sbatch_script(tmp_path):
     out = dlt(
         "train",
         ["cluster=dlt_local", "cluster.launcher=sbatch", "dry_run=true", "cluster.nodes=3",
-         "cluster.gpus_per_node=4", "cluster.sbatch_extra=[--exclusive]", "parallel=ddp"],
+         "cluster.gpus_per_node=4", "cluster.sbatch_extra=[--exclusive]", "parallel=ddp", "data=dummy"],
         tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -51,7 +51,7 @@ def test_dry_run_prints_the_filled_sbatch_script(tmp_path):
         "#SBATCH --requeue",
         "#SBATCH --exclusive",
         "export DLT_PROCS_PER_NODE=4",
-        "set -- parallel=ddp",
+        "set -- parallel=ddp data=dummy",  # the overrides, passed on to the job
     ]:
         assert line in script.splitlines(), line
     assert BODY_MARKER in script and "-m jobs.node" in script
@@ -61,7 +61,9 @@ def test_dry_run_prints_the_filled_sbatch_script(tmp_path):
 
 def test_dry_run_of_the_submitit_route_prints_its_parameters(tmp_path):
     out = dlt(
-        "train", ["cluster=dlt_local", "dry_run=true", "cluster.qos=high", "parallel=ddp"], tmp_path
+        "train",
+        ["cluster=dlt_local", "dry_run=true", "cluster.qos=high", "parallel=ddp", "data=dummy"],
+        tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "slurm_partition: normal" in out.stdout
