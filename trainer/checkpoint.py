@@ -225,6 +225,8 @@ def move_aside(paths: list[Path], why: str) -> Path:
         where.mkdir(parents=True)
         for p in paths:
             os.replace(p, where / p.name)
+        fsync_folder(where)
+        fsync_folder(root)
     return where
 
 
