@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import append_results
 from jobs.cli import compose_config, training_dict
-from trainer.config import load_config
+from trainer.config import resolve_config
 from trainer.run_dir import METRICS, read_jsonl
 from trainer.train import run
 
@@ -37,7 +37,7 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
             "log.progress=false",
             *extra,
         ]
-        cfg = load_config(training_dict(compose_config("train", overrides)))
+        cfg = resolve_config(training_dict(compose_config("train", overrides)))
         run(cfg)
         measured = read_jsonl(Path(tmp) / METRICS)[-1]
     return {
