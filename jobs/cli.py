@@ -15,15 +15,12 @@ import textwrap
 from collections.abc import Iterator
 from importlib import resources
 
-from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.errors import UserError
-from trainer.config import ConfigError, describe_omegaconf_error
-
-CONFIG_MODULE = "cluster_configs"
+from trainer.config import CONFIG_MODULE, ConfigError, compose_tree, describe_omegaconf_error
 
 
 def one_line(err: BaseException) -> str:
@@ -40,9 +37,13 @@ def one_line(err: BaseException) -> str:
 
 
 def compose_config(
-    config_name: str, overrides: list[str], literal_keys: tuple[str, ...] = ()
+    config_name: str,
+    overrides: list[str],
+    literal_keys: tuple[str, ...] = (),
+    with_hydra: bool = False,
 ) -> DictConfig:
-    """The config `config_name` from `cluster_configs/` with command-line `overrides`.
+    """The config `config_name` from `cluster_configs/` with command-line `overrides`
+    (`with_hydra`: with Hydra's own node, e.g. `hydra.launcher`).
 
     Values of `literal_keys` (free text such as a prompt) are taken verbatim instead of being
     parsed by Hydra's override grammar, where `prompt="Once upon a time,"` (after the shell
@@ -56,13 +57,12 @@ def compose_config(
             literal[key] = value.replace("${", "\\${")  # no interpolation inside free text
         else:
             hydra_overrides.append(arg)
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        try:
-            cfg = compose(config_name=config_name, overrides=hydra_overrides)
-        except ValueError as err:
-            if "integer string conversion" not in str(err):
-                raise
-            raise ConfigError(too_many_digits(hydra_overrides)) from None
+    try:
+        cfg = compose_tree(config_name, hydra_overrides, with_hydra)
+    except ValueError as err:
+        if "integer string conversion" not in str(err):
+            raise
+        raise ConfigError(too_many_digits(hydra_overrides)) from None
     for key, value in literal.items():
         OmegaConf.update(cfg, key, value)
     return cfg

@@ -24,7 +24,8 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.types import ValueType
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from jobs.cli import (
     CONFIG_MODULE,
@@ -71,26 +72,43 @@ def train_one(composed: DictConfig) -> str:
     return "finished"
 
 
+# Hydra's own command-line flags; with them the composition is Hydra's business alone.
+HYDRA_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def job_overrides(argv: list[str]) -> list[list[str]] | None:
+    """The override list of every job, as Hydra's basic sweeper splits them (one value of each
+    swept key per job; the last of a repeated key wins). None when this cannot be known
+    before Hydra runs: its config flags, or a sweep other than a list or range."""
+    if any(a.split("=")[0] in HYDRA_FLAGS for a in argv):
+        return None
+    choices: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            choices[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep() and o.value_type != ValueType.GLOB_CHOICE_SWEEP:
+            choices[key] = [f"{key}={value}" for value in o.sweep_string_iterator()]
+        else:
+            return None
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
 def check_every_job(argv: list[str]) -> None:
-    """Each combination of the sweep through the one validation, before any job starts."""
-    parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-    ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
-    values = [
-        list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()] for o in ours
-    ]
-    launcher = {
-        o.key_or_group: str(o.value()) for o in parsed if o.key_or_group.startswith("hydra")
-    }
-    on_slurm = "submitit" in launcher.get("hydra/launcher", "")
-    nodes = int(launcher.get("hydra.launcher.nodes", 1))
-    for combination in itertools.product(*values):
-        job = [f"{o.get_key_element()}={v}" for o, v in zip(ours, combination, strict=True)]
-        composed = compose_config("train", job)
-        if "${hydra:" in str(OmegaConf.to_container(composed.run)["dir"]):
-            composed.run.dir = "runs/sweep-job"  # known only inside Hydra's job
+    """Each job of the sweep through the one validation, with the world size it will have,
+    before the first one starts (each job checks itself again where it runs)."""
+    for num, job in enumerate(job_overrides(argv) or []):
+        composed = compose_config("train", job, with_hydra=True)
+        with open_dict(composed):
+            hydra_node = composed.pop("hydra")  # Hydra's own node: the launcher, the job
+        with open_dict(hydra_node):  # what the launcher fills in; `${hydra:...}` may read them
+            hydra_node.job.num, hydra_node.job.id = num, f"check_{num}"
+        HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_node}))
+        launcher = hydra_node.launcher
+        on_slurm = "submitit" in str(launcher.get("_target_", ""))
         profile = to_schema(ClusterProfile, composed, "cluster")
-        world_size = nodes * profile.processes_per_node if on_slurm else 1
+        world_size = int(launcher.get("nodes", 1)) * profile.processes_per_node if on_slurm else 1
         try:
             resolve_config(training_dict(composed), world_size=world_size)
         except ConfigError as err:
-            raise ConfigError(f"{err} (sweep job {' '.join(job)})") from None
+            raise ConfigError(f"{err} (sweep job {num}: {' '.join(job)})") from None

@@ -286,6 +286,20 @@ def test_a_restarted_explicit_resume_continues_instead_of_starting_over(trained,
     assert "continuing this run from step_5, which descends from it" in log
 
 
+def test_a_chained_explicit_resume_continues_its_own_line_when_restarted(trained, tiny):
+    """A -> B (resume=A's step) -> C (resume=B's step): a restarted C continues from C's own
+    checkpoint (its line descends from its own resume=PATH, not from A's)."""
+    b = tiny("b", train={"max_steps": 6})
+    b["resume"] = str(step_dir(trained, 2))
+    run(b)
+    c = tiny("c", train={"max_steps": 9})
+    c["resume"] = str(step_dir(b, 6))
+    assert run(c, stop_requested=lambda step: step == 7).step == 7
+    again = run(c)  # the requeued job repeats the same command line
+    assert again.resumed_from == step_dir(c, 7) and again.step == 9
+    assert not list((Path(c["run"]["dir"]) / CHECKPOINTS).glob("abandoned-*"))
+
+
 def test_a_refused_explicit_resume_moves_nothing(tiny, capsys):
     cfg = tiny("refused_rollback", train={"max_steps": 6}, checkpoint={"interval": 2})
     run(cfg)

@@ -181,3 +181,70 @@ def test_a_profile_missing_a_key_names_it_under_cluster(tmp_path, capsys):
     line = one_error_line(capsys, "dlt-train")
     assert line.startswith("dlt-train: error: cluster.launcher: ")
     assert "missing mandatory value" in line
+
+
+def test_data_out_moves_the_dataset_on_both_paths():
+    """data.path defaults to ${.out}: an `out` given from Python moves it as on the CLI."""
+    here = config_module.load_config({"data": {"out": "data/mine"}})
+    there = config_module.load_config(
+        training_dict(compose_config("train", ["data.out=data/mine"]))
+    )
+    assert here.data.path == there.data.path == "data/mine"
+
+
+def test_the_defaults_compose_inside_someone_elses_hydra_app(tmp_path):
+    """A user's own Hydra app (another config tree) can call the trainer, and keeps its own
+    Hydra state afterwards."""
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "mine.yaml").write_text("x: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = config_module.load_config({"data": DUMMY_DATA, "model": {"name": "inside"}})
+        assert cfg.run.dir == "runs/inside"
+        assert compose(config_name="mine").x == 1
+
+
+def test_a_sweep_is_split_as_hydra_splits_it():
+    from jobs.sweep import job_overrides
+
+    jobs = job_overrides(["-m", "model.init_from=null", "train.lr=1e-3,2e-3", "data=dummy"])
+    assert jobs == [
+        ["model.init_from=null", "train.lr=0.001", "data=dummy"],
+        ["model.init_from=null", "train.lr=0.002", "data=dummy"],
+    ]
+    assert job_overrides(["--config-dir", "/elsewhere", "train.lr=1,2"]) is None
+
+
+def test_a_valid_sweep_passes_its_check(tmp_path):
+    """Values that only Hydra's job knows (${hydra:job.num}) and Hydra's own keys."""
+    from jobs.sweep import check_every_job
+
+    check_every_job(
+        [
+            "--multirun",
+            "train.lr=1e-3,2e-3",
+            "run.name=s${hydra:job.num}",
+            f"hydra.searchpath=[file://{tmp_path}]",
+            "model.init_from=null",
+            "data=dummy",
+        ]
+    )
+
+
+def test_a_sweep_over_nodes_is_checked_with_each_world_size(capsys):
+    from jobs.sweep import sweep
+
+    with pytest.raises(SystemExit):
+        sweep(
+            [
+                "hydra/launcher=submitit_slurm",
+                "hydra.launcher.nodes=1,2",
+                "cluster=dlt_local",
+                "parallel=fsdp",
+                "precision=fp16",
+                "data=dummy",
+            ]
+        )
+    line = one_error_line(capsys, "dlt-train")
+    assert "precision=fp16 works with single/DDP layouts only" in line
+    assert "(sweep job 1: hydra/launcher=submitit_slurm hydra.launcher.nodes=2 " in line

@@ -95,6 +95,18 @@ def test_lock_is_released_when_the_run_ends(tiny):
             pass
 
 
+def test_a_refused_run_leaves_the_signal_handlers_as_they_were(tiny):
+    """Ctrl-C and SIGTERM still work in the calling process (a notebook, a sweep) after a run
+    refused for a locked run directory, and after one that finished."""
+    cfg = tiny("handlers", train={"max_steps": 1})
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with RunDirLock(cfg["run"]["dir"]), pytest.raises(RunDirError):
+        run(cfg)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    run(cfg)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_diverged_run_is_never_checkpointed(tiny, capsys):
     cfg = tiny("diverged", train={"lr": 1e30, "warmup_steps": 0}, checkpoint={"interval": 1})
     with pytest.raises(TrainingError, match="no longer finite at step 2") as err:

@@ -468,6 +468,7 @@ class Checkpointer:
             **{name: part.state_dict() for name, part in self.parts.items()},
             "config": self.config,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "torch_version": torch.__version__,  # a resume under another version says so
         }
         self._pending = start_save(
             self.run_dir,

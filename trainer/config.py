@@ -181,13 +181,26 @@ PREP_ONLY_KEYS = frozenset(f.name for f in fields(CorpusConfig)) - {
 }
 
 
-def compose_tree(config_name: str, overrides: list[str] = ()) -> DictConfig:
-    """`cluster_configs/<config_name>.yaml` composed by Hydra (also inside a running Hydra
-    app, whose global state is then left alone)."""
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=config_name, overrides=list(overrides))
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+def compose_tree(
+    config_name: str, overrides: list[str] = (), with_hydra: bool = False
+) -> DictConfig:
+    """`cluster_configs/<config_name>.yaml` with `overrides`, composed by Hydra's compose API
+    (`with_hydra`: with the `hydra` node, e.g. the launcher). Works inside a running Hydra app
+    too (ours or a user's): its global state is set aside meanwhile and put back."""
+    running = GlobalHydra.instance()
+    previous = running.hydra if running.is_initialized() else None
+    running.clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return compose(
+                config_name=config_name,
+                overrides=list(overrides),
+                return_hydra_config=with_hydra,
+            )
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(previous)
 
 
 @functools.cache
@@ -238,17 +251,17 @@ def describe_omegaconf_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def _without_prep_keys(source: Any) -> Any:
-    """`source` without the keys of the `data` section that only dlt-prep reads."""
+def _on_defaults(source: Any) -> DictConfig:
+    """`source` merged onto the defaults (no schema yet), without the keys of the `data`
+    section that only dlt-prep reads. That section is resolved first, so that `path:
+    ${.out}` follows a `data.out` of `source` as it does on the command line."""
     if isinstance(source, Config):
-        return OmegaConf.structured(source)
-    if source is None:
-        return {}
-    node = copy.deepcopy(source) if OmegaConf.is_config(source) else OmegaConf.create(source)
-    data = node.get("data") if isinstance(node, DictConfig) else None
-    if isinstance(data, DictConfig):  # resolved first: `path: ${.out}` names a prep key
-        values = OmegaConf.to_container(data, resolve=True)
-        node.data = {k: v for k, v in values.items() if k not in PREP_ONLY_KEYS}
+        source = to_dict(source)
+    tree = default_tree()
+    OmegaConf.set_struct(tree, False)  # unknown keys are the schema's to report, by name
+    node = OmegaConf.merge(tree, source or {})
+    values = OmegaConf.to_container(node.data, resolve=True)
+    node.data = {k: v for k, v in values.items() if k not in PREP_ONLY_KEYS}
     return node
 
 
@@ -269,7 +282,7 @@ def load_config(source: Any = None, world_size: int = 1) -> Config:
     """:func:`resolve_config` without looking at any file: the defaults, `source`, the
     derived sizes and every rule that needs only the config itself."""
     try:
-        merged = _merged(Config, _without_prep_keys(default_tree()), _without_prep_keys(source))
+        merged = _merged(Config, _on_defaults(source))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(describe_omegaconf_error(err)) from None

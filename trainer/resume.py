@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, to_dict
 from trainer.run_dir import CONFIG
@@ -224,6 +226,8 @@ def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> l
         for key in NOTED_KEYS
         if _get(now, key) != _get(then, key)
     ]
+    if saved.get("torch_version") not in (None, torch.__version__):
+        lines.append(f"torch {saved['torch_version']} -> {torch.__version__}")
     batch = _global_batch(now), _global_batch(then)
     if batch[0] != batch[1]:
         lines.append(f"global batch {batch[1]} -> {batch[0]} sequences per step")

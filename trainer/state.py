@@ -46,5 +46,6 @@ class TrainState(Stateful):
         self.elapsed_s = state["elapsed_s"]
         self.restarts = state.get("restarts", 0) + 1
         self.logger_ids = state.get("logger_ids", {})
-        self.origin = state.get("origin") or self.origin
+        # This run's own resume=PATH comes first: a requeue must recognise its checkpoints.
+        self.origin = self.origin or state.get("origin")
         self.format_version = state.get("format_version", FORMAT_VERSION)

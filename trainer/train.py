@@ -87,14 +87,16 @@ def run(
         cfg = resolve_config(cfg, world_size=distributed.world_from_env().size)
     world, device = distributed.init(cfg.device, cfg.train.cpu_threads)
     hooks = hooks or RunHooks()
-    stop = StopController(device, world.size, stop_requested, signals)
     lock = run_dir_lock(Path(cfg.run.dir), world)
     try:
         hooks.locked()
-        return train(cfg, world, device, stop, hooks)
+        stop = StopController(device, world.size, stop_requested, signals)
+        try:
+            return train(cfg, world, device, stop, hooks)
+        finally:
+            stop.close()
     finally:
         lock.release()
-        stop.close()
 
 
 def train(
@@ -156,6 +158,7 @@ def train(
 
             stopping = stop(state.step)
             if checkpointer.due(state.step, last, stopping):
+                state.elapsed_s = meter.elapsed_s()  # this step's evaluation included
                 with meter.timing("checkpoint"):  # the stall; async: only the copy to memory
                     checkpointer.save(state.step)
             if stopping:
