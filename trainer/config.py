@@ -41,6 +41,7 @@ MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("dummy", "shards")
+ARCHS = ("gpt2", "llama")  # the registry of trainer/models/ (a test keeps the two equal)
 
 
 class ConfigError(UserError, ValueError):
@@ -50,17 +51,38 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
+class RopeScalingConfig:
+    """Llama-3.1 rotary frequency scaling (long context); `factor` null: off."""
+
+    factor: float | None
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    arch: str  # gpt2 | llama: the architecture (trainer/models/<arch>/)
     name: str
     n_layer: int
     n_head: int
+    n_kv_head: int | None  # llama: key/value heads (grouped-query attention); null: n_head
     n_embd: int
     block_size: int
     vocab_size: int | None  # null: the dataset's vocabulary size
     dropout: float
-    layer_norm_eps: float
+    layer_norm_eps: float  # the epsilon of the norms (LayerNorm for gpt2, RMSNorm for llama)
     attention: str  # auto: flash-attn on CUDA when installed, else SDPA
-    init_from: str | None  # a Hugging Face GPT-2 folder to start from
+    init_from: str | None  # a Hugging Face folder (of this arch) to start from
+    tie_embeddings: bool  # the output layer shares the token embedding's weight
+    rope_theta: float  # llama: rotary position embedding base
+    rope_scaling: RopeScalingConfig
+    ffn_dim_multiplier: float | None  # llama: SwiGLU hidden size = multiplier * 8/3 * n_embd
+    multiple_of: int  # llama: ... rounded up to a multiple of this
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
 
 @dataclass(frozen=True)
@@ -334,7 +356,20 @@ def check_fields(cfg: Config) -> None:
     if m.vocab_size is not None:
         _positive(cfg, "model.vocab_size")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
+    _one_of("model.arch", m.arch, ARCHS)
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+    if m.n_kv_head is not None:
+        _positive(cfg, "model.n_kv_head")
+    _positive(cfg, "model.rope_theta", "model.multiple_of")
+    _finite(cfg, "model.rope_theta")
+    if m.ffn_dim_multiplier is not None:
+        _positive(cfg, "model.ffn_dim_multiplier")
+    if m.rope_scaling.factor is not None:
+        _positive(cfg, "model.rope_scaling.factor")
+    _require(
+        m.arch != "gpt2" or m.tie_embeddings,
+        "model.tie_embeddings=false: GPT-2 ties its output layer to the token embedding",
+    )
     _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("log.wandb.mode", cfg.log.wandb.mode, WANDB_MODES)
     _one_of("device", cfg.device, DEVICES)
@@ -401,6 +436,10 @@ def check_combinations(cfg: Config, world_size: int) -> None:
         m.n_embd % m.n_head == 0,
         f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",
     )
+    _require(
+        m.n_head % m.kv_heads == 0,
+        f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head}",
+    )
     if m.vocab_size is not None and cfg.data.vocab_size is not None:
         _require(
             m.vocab_size >= cfg.data.vocab_size,
@@ -418,6 +457,10 @@ def check_layout(cfg: Config) -> None:
     """Parallel layouts that cannot work with this model or these settings."""
     p, m = cfg.parallel, cfg.model
     _require(m.n_head % p.tp == 0, f"parallel.tp={p.tp} must divide model.n_head={m.n_head}")
+    _require(
+        m.kv_heads % p.tp == 0,
+        f"parallel.tp={p.tp} must divide the key/value heads model.n_kv_head={m.kv_heads}",
+    )
     _require(
         (4 * m.n_embd) % p.tp == 0, f"parallel.tp={p.tp} must divide the MLP width 4*model.n_embd"
     )

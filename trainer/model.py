@@ -10,7 +10,6 @@ of one fused `c_attn`, so tensor parallelism can split each of them by heads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,40 +17,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ModelConfig
-
-try:  # flash-attn is an optional extra (CUDA only)
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
-
-
-@dataclass
-class LayerCache:
-    """Keys and values of the tokens seen so far, for one block (used when generating)."""
-
-    k: torch.Tensor | None = None  # (B, n_head, T_seen, head_dim)
-    v: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.size(2)
+from trainer.models.attention import LayerCache, attend
 
 
 def new_kv_cache(cfg: ModelConfig) -> list[LayerCache]:
     return [LayerCache() for _ in range(cfg.n_layer)]
-
-
-def use_flash_attention(cfg: ModelConfig, x: torch.Tensor) -> bool:
-    if cfg.attention == "sdpa":
-        return False
-    available = (
-        flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-    )
-    if cfg.attention == "flash" and not available:
-        raise RuntimeError(
-            "model.attention=flash needs the flash-attn package, a CUDA device and bf16/fp16"
-        )
-    return available
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,22 +42,7 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         dropout_p = self.cfg.dropout if self.training else 0.0
-        if cache is None and use_flash_attention(self.cfg, x):
-            y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # (B, T, H, D)
-        else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-            if cache is not None:
-                if cache.k is not None:
-                    if T != 1:
-                        raise ValueError("after the prompt, a KV cache takes one token at a time")
-                    k = torch.cat([cache.k, k], dim=2)
-                    v = torch.cat([cache.v, v], dim=2)
-                cache.k, cache.v = k, v
-            # With no past tokens, mask the future; one new token may see everything cached.
-            is_causal = k.size(2) == T
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
-            y = y.transpose(1, 2)
-        y = y.reshape(B, T, -1)
+        y = attend(q, k, v, self.cfg, dropout_p, cache)
         return self.resid_dropout(self.o_proj(y))
 
 

@@ -1,0 +1,78 @@
+"""What the generic code needs to know about an architecture, in one place: its `ModelSpec`.
+
+The parallel layouts (`trainer/parallel/`), checkpoints, the Hugging Face import/export, the
+loop's FLOPs count and the resume check never name a model's attributes: they read them from
+the spec of `model.arch`. Adding an architecture is one folder `trainer/models/<arch>/` that
+defines a model class and a `SPEC`, and one line in `trainer/models/__init__.py`
+(docs/models.md).
+
+A model class of the registry:
+
+- is built as `Model(cfg: ModelConfig)` with its weights initialised (`reset_parameters()`);
+- keeps its repeated blocks in an `nn.ModuleDict` keyed "0", "1", ... (`spec.layers`), each
+  block called as `block(x, cache)`, so pipeline stages can drop blocks and keep the names;
+- `forward(idx, targets=None, kv_cache=None)` returns logits (B, T, vocab), or the mean
+  cross-entropy (targets of -100 ignored) when `targets` are given; a pipeline stage has the
+  attributes of `spec.first_stage` / `spec.last_stage` set to None when it does not run them:
+  without the first ones it takes hidden states instead of token ids, without the last ones
+  it returns hidden states;
+- `new_kv_cache()` returns one cache per block for generation (`forward(..., kv_cache=...)`
+  then continues the cached tokens, one token at a time after the prompt);
+- `num_params(non_embedding=True)` counts parameters (tied weights once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from trainer.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class HFFormat:
+    """Conversion to and from a Hugging Face `transformers` model of this architecture."""
+
+    model_type: str  # config.json's model_type, e.g. "gpt2", "llama"
+    architecture: str  # config.json's architectures[0], e.g. "LlamaForCausalLM"
+    # our state dict -> theirs (all of their tensors, contiguous)
+    to_hf: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
+    # theirs -> ours
+    from_hf: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
+    # our config -> their config.json (eot_id: the tokenizer's end-of-text id, or None)
+    hf_config: Callable[[ModelConfig, int | None], dict[str, Any]]
+    # their (checked) config.json -> our model keys (arch, shapes, eps, rope, ...)
+    model_keys: Callable[[dict[str, Any]], dict[str, Any]]
+    # our shape key -> their config.json key, compared for model.init_from
+    shape_keys: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    model_class: type[nn.Module]
+    layers: str  # the nn.ModuleDict of repeated blocks
+    first_stage: tuple[str, ...]  # attributes only pipeline stage 0 runs (embeddings)
+    last_stage: tuple[str, ...]  # attributes only the last stage runs (final norm, output)
+    embedding: str  # the token embedding (its weight is the input side of a tied pair)
+    output: str  # the output layer (its weight is the output side of a tied pair)
+    # tensor parallel plan inside one block: submodule name -> ColwiseParallel() / ...
+    tp_block_plan: Callable[[ModelConfig], Mapping[str, ParallelStyle]]
+    # training FLOPs per token (forward + backward) for a model with `n_params` parameters
+    flops_per_token: Callable[[ModelConfig, int], float]
+    # model.* keys a checkpoint's weights depend on (a resume with another value is refused)
+    shape_keys: tuple[str, ...]
+    hf: HFFormat
+    # layouts this architecture cannot run: a one-line message naming the key, or None
+    check_layout: Callable[[ModelConfig, Any], str | None] = field(default=lambda m, p: None)
+
+    def tied(self, cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
+        """Parameter names that are one tensor in the whole model (none when untied)."""
+        if not cfg.tie_embeddings:
+            return ()
+        return ((f"{self.embedding}.weight", f"{self.output}.weight"),)
