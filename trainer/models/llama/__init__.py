@@ -1,0 +1,71 @@
+"""Llama 3 style (RoPE, RMSNorm, grouped-query attention, SwiGLU, optional tied embeddings)
+for the registry."""
+
+from __future__ import annotations
+
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from trainer.models.llama import hf
+from trainer.models.llama.model import Llama, ffn_hidden, flops_per_token
+from trainer.models.spec import HFFormat, ModelSpec
+
+
+def tp_block_plan(cfg):
+    """Megatron-style: q, k, v split by columns (each rank n_head/tp query heads and
+    n_kv_head/tp key/value heads), the SwiGLU's gate and up projections by columns (the same
+    hidden units on a rank, so the gating stays local), o_proj and down_proj by rows (partial
+    sums, all-reduced)."""
+    return {
+        "attn.q_proj": ColwiseParallel(),
+        "attn.k_proj": ColwiseParallel(),
+        "attn.v_proj": ColwiseParallel(),
+        "attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+
+
+def check_layout(m, p) -> str | None:
+    hidden = ffn_hidden(m)
+    if hidden % p.tp:
+        return (
+            f"parallel.tp={p.tp} must divide the SwiGLU hidden size {hidden} "
+            "(from model.n_embd, model.ffn_dim_multiplier, model.multiple_of)"
+        )
+    return None
+
+
+SPEC = ModelSpec(
+    arch="llama",
+    model_class=Llama,
+    layers="blocks",
+    first_stage=("tok_emb", "drop"),
+    last_stage=("norm", "lm_head"),
+    embedding="tok_emb",
+    output="lm_head",
+    tp_block_plan=tp_block_plan,
+    flops_per_token=flops_per_token,
+    # block_size is not among them: rotary positions have no weights.
+    shape_keys=(
+        "model.n_layer",
+        "model.n_head",
+        "model.n_kv_head",
+        "model.n_embd",
+        "model.ffn_dim_multiplier",
+        "model.multiple_of",
+        "model.tie_embeddings",
+    ),
+    hf=HFFormat(
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        to_hf=hf.to_hf_state_dict,
+        from_hf=hf.from_hf_state_dict,
+        hf_config=hf.hf_config,
+        model_keys=hf.model_keys,
+        shape_keys=hf.SHAPE_KEYS,
+        layer_pattern=hf.LAYER_PATTERN,
+        unsupported=hf.unsupported,
+    ),
+    check_layout=check_layout,
+)
