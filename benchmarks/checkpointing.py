@@ -20,7 +20,7 @@ import torch
 from benchmarks.common import append_results
 from trainer import checkpoint
 from trainer.config import ModelConfig, model_config
-from trainer.model import GPT
+from trainer.models.gpt2.model import GPT
 from trainer.run_dir import METRICS, read_jsonl
 
 

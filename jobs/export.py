@@ -1,4 +1,4 @@
-"""`dlt-export`: a checkpoint as a Hugging Face GPT-2 folder or one plain state-dict file."""
+"""`dlt-export`: a checkpoint as a Hugging Face model folder or one plain state-dict file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from data_prep.files import fsync_file, fsync_folder
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
 from trainer.hf import save_hf
-from trainer.model import GPT
+from trainer.models import spec_of
 from trainer.trained import checkpoint_tokenizer, load_model
 
 USAGE = "checkpoint=PATH format=hf|torch out=DIR [overwrite=true]"
@@ -51,13 +51,14 @@ def check_target(out: Path, overwrite: bool) -> None:
         )
 
 
-def write_export(model: GPT, state: dict, fmt: str, folder: Path) -> None:
+def write_export(model: torch.nn.Module, state: dict, fmt: str, folder: Path) -> None:
     """Write the export files of `model` (trainer `state` from its checkpoint) into `folder`."""
     if fmt == "hf":
         save_hf(model, folder, eot_id=checkpoint_tokenizer(state).eot_id)
         return
-    # Plain tensors only (tied lm_head dropped): torch.load(path, weights_only=True) reads it.
-    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    # Plain tensors only (a tied output weight once): torch.load(weights_only=True) reads it.
+    again = {output for _, output in spec_of(model.cfg).tied(model.cfg)}
+    weights = {k: v for k, v in model.state_dict().items() if k not in again}
     torch.save({"model": weights, "config": state["config"]["model"]}, folder / TORCH_FILE)
 
 

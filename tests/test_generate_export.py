@@ -15,7 +15,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import model_config
 from trainer.generate import filter_logits, generate
 from trainer.hf import save_hf
-from trainer.model import GPT, new_kv_cache
+from trainer.models.gpt2.model import GPT
 from trainer.trained import checkpoint_tokenizer, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -59,7 +59,7 @@ def test_kv_cache_logits_equal_full_forward():
     model = random_model(block_size=16)
     x = prompt_ids(2, 12)
     full = model(x)
-    cache = new_kv_cache(model.cfg)
+    cache = model.new_kv_cache()
     steps = [model(x[:, :5], kv_cache=cache)]
     steps += [model(x[:, t : t + 1], kv_cache=cache) for t in range(5, 12)]
     assert cache[0].length == 12
@@ -69,7 +69,7 @@ def test_kv_cache_logits_equal_full_forward():
 @torch.no_grad()
 def test_kv_cache_rejects_several_new_tokens():
     model = random_model(block_size=16)
-    cache = new_kv_cache(model.cfg)
+    cache = model.new_kv_cache()
     model(prompt_ids(1, 4), kv_cache=cache)
     with pytest.raises(ValueError):
         model(prompt_ids(1, 2), kv_cache=cache)

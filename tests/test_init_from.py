@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from jobs.train import main as train_main
 from trainer.config import model_config
-from trainer.hf import hf_config, load_hf, save_hf, to_hf_state_dict
-from trainer.model import GPT
+from trainer.hf import load_hf, save_hf
+from trainer.models.gpt2.hf import hf_config, to_hf_state_dict
+from trainer.models.gpt2.model import GPT
 from trainer.run_dir import CHECKPOINTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

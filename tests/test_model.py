@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig, model_config
-from trainer.hf import from_hf_state_dict, load_hf, save_hf, to_hf_state_dict
-from trainer.model import GPT, flops_per_token
+from trainer.hf import load_hf, save_hf
+from trainer.models.gpt2.hf import from_hf_state_dict, to_hf_state_dict
+from trainer.models.gpt2.model import GPT, flops_per_token
+from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,16 +166,29 @@ def test_gpt2_init_statistics():
     assert {"blocks.7.attn.o_proj.weight", "blocks.7.mlp.proj.weight"} <= seen
 
 
+def count_calls(module: torch.nn.Module) -> list[int]:
+    """A list that grows by one each time `module.forward` runs (recomputation included:
+    module hooks do not fire there)."""
+    calls: list[int] = []
+    forward = module.forward
+    module.forward = lambda *args: (calls.append(1), forward(*args))[1]
+    return calls
+
+
 def test_activation_checkpointing_same_loss_and_grads():
+    """Applied from outside (trainer.parallel): the blocks really recompute (each MLP runs
+    twice per step), and loss and gradients are unchanged."""
     cfg = model_config(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=97)
-    model = new_ours(cfg, seed=7).train()
     x = tokens(cfg, batch=2, length=32, seed=2)
     runs = []
     for checkpointing in (False, True):
-        model.zero_grad(set_to_none=True)
-        model.activation_checkpointing = checkpointing
+        model = new_ours(cfg, seed=7).train()
+        if checkpointing:
+            apply_activation_checkpointing(model.blocks)
+        calls = count_calls(model.blocks["0"].mlp)
         loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)
         runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = runs
     assert abs(loss_a - loss_b) <= 1e-6

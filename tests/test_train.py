@@ -11,7 +11,7 @@ import torch
 from trainer.config import load_config
 from trainer.data import DummyTokens
 from trainer.hf import load_hf_state_dict, save_hf
-from trainer.model import GPT
+from trainer.models.gpt2.model import GPT
 from trainer.optim import lr_at
 from trainer.run_dir import METRICS, TRAIN_LOG, read_jsonl
 from trainer.train import run

@@ -67,6 +67,7 @@ from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoin
     read_trainer_state,
     verify,
 )
+from trainer.models import spec_of, unwrap
 from trainer.run_dir import CHECKPOINTS, named
 
 # DCP warns that it "assumes a single process" when torch.distributed is not initialised:
@@ -96,9 +97,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-# Parameters that are one tensor in a whole model but two copies under pipeline parallelism
-# (GPT-2's output layer is tied to the token embedding; the two live on different stages).
-TIED = (("tok_emb.weight", "lm_head.weight"),)
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
@@ -115,12 +113,16 @@ class ModelAndOptimizer(Stateful):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
         self.model, self.optimizer = model, optimizer
         self._aliases: list[str] = []
+        # Parameters that are one tensor in a whole model but two copies under pipeline
+        # parallelism (a tied output layer and the token embedding live on different stages).
+        cfg = unwrap(model).cfg
+        self.tied = spec_of(cfg).tied(cfg)
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=OPTIONS)
-        self._aliases = add_tied_aliases(optim_sd)
+        self._aliases = add_tied_aliases(optim_sd, self.tied)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -137,11 +139,11 @@ class ModelAndOptimizer(Stateful):
         )
 
 
-def add_tied_aliases(optim_sd: dict[str, Any]) -> list[str]:
+def add_tied_aliases(optim_sd: dict[str, Any], tied: tuple[tuple[str, str], ...]) -> list[str]:
     """Copy a tied weight's flattened optimizer entries to its other name; returns the keys
     added (they are dropped again before loading into this optimizer)."""
     added = []
-    for a, b in TIED:
+    for a, b in tied:
         for have, want in ((a, b), (b, a)):
             mine = [k for k in optim_sd if k.split(".", 1)[1].startswith(have + ".")]
             if mine and not any(k.split(".", 1)[1].startswith(want + ".") for k in optim_sd):

@@ -461,9 +461,10 @@ def check_layout(cfg: Config) -> None:
         m.kv_heads % p.tp == 0,
         f"parallel.tp={p.tp} must divide the key/value heads model.n_kv_head={m.kv_heads}",
     )
-    _require(
-        (4 * m.n_embd) % p.tp == 0, f"parallel.tp={p.tp} must divide the MLP width 4*model.n_embd"
-    )
+    from trainer.models import spec_of  # imported here: the models build on this module
+
+    problem = spec_of(m).check_layout(m, p)  # e.g. tp must divide the MLP's hidden size
+    _require(problem is None, problem or "")
     _require(p.pp <= m.n_layer, f"parallel.pp={p.pp} is larger than model.n_layer={m.n_layer}")
     if p.pp > 1:
         _require(

@@ -7,8 +7,7 @@ token, reusing every earlier token's keys and values instead of recomputing them
 from __future__ import annotations
 
 import torch
-
-from trainer.model import GPT, new_kv_cache
+from torch import nn
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -43,7 +42,7 @@ def next_token(
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: nn.Module,
     prompt: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -68,7 +67,7 @@ def generate(
     for _ in range(max_new_tokens):
         if use_cache and tokens.size(1) <= block:
             if cache is None:  # prefill: the whole prompt at once
-                cache = new_kv_cache(model.cfg)
+                cache = model.new_kv_cache()
                 logits = model(tokens, kv_cache=cache)
             else:  # decode: only the newest token
                 logits = model(tokens[:, -1:], kv_cache=cache)

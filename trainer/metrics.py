@@ -5,7 +5,7 @@ times the data wait, the optimizer step and the checkpoint stall, and turns them
 loss and the model's FLOPs, into the record written per log step (`trainer.logger`).
 
 MFU (model FLOPs utilisation) = achieved model FLOP/s / the devices' peak FLOP/s, where a
-token costs 6 x parameters + attention FLOPs (forward + backward; `trainer.model`).
+token costs 6 x parameters + attention FLOPs (forward + backward; the architecture's spec).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from trainer import distributed
 from trainer.config import Config
-from trainer.model import flops_per_token
+from trainer.models import spec_of
 from trainer.state import TrainState
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
@@ -96,7 +96,8 @@ class StepMeter:
         self.tokens_per_step = (
             t.micro_batch_size * t.grad_accum * cfg.parallel.dp_size * cfg.model.block_size
         )
-        self.flops_per_step = flops_per_token(cfg.model, n_params) * self.tokens_per_step
+        per_token = spec_of(cfg.model).flops_per_token(cfg.model, n_params)
+        self.flops_per_step = per_token * self.tokens_per_step
         self.peak = peak_tflops(device, cfg.log.peak_tflops)
         self.device, self.world_size, self.state = device, world_size, state
         if state.tokens is None:  # a checkpoint that did not record it: the same batch so far

@@ -9,6 +9,7 @@ steps, learning-rate curve, layout, precision — is listed in a few lines and t
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 from collections.abc import Callable
@@ -19,12 +20,12 @@ from typing import Any
 import torch
 
 from trainer import checkpoint
-from trainer.config import Config, ConfigError, to_dict
+from trainer.config import Config, ConfigError, model_config, to_dict
+from trainer.models import spec_of
 from trainer.run_dir import CONFIG
 
-# A checkpoint's weights fit only a model of the same shape, and its token ids only the same
-# tokenizer.
-SHAPE_KEYS = ("model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
+# A checkpoint's weights fit only a model of the same architecture and shape (its spec's
+# shape_keys), and its token ids only the same tokenizer.
 TOKEN_KEYS = ("model.vocab_size", "data.tokenizer", "data.tokenizer_hash")
 DATA_KEYS = {"shards": ("data.kind", "data.path"), "dummy": ("data.kind", "data.dummy_branching")}
 # Shown when they change; the run goes on with the new value.
@@ -200,8 +201,10 @@ def _same_path(a: Any, b: Any) -> bool:
 
 def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> list[str]:
     """Refuse what cannot continue from checkpoint `path`; return one line per other change."""
-    now, then = to_dict(cfg), saved.get("config") or {}
-    for key in SHAPE_KEYS + TOKEN_KEYS:
+    now, then = to_dict(cfg), dict(saved.get("config") or {})
+    # A checkpoint of an older version lacks newer model keys: they had today's defaults.
+    then["model"] = dataclasses.asdict(model_config(then.get("model") or {}))
+    for key in ("model.arch", *spec_of(cfg.model).shape_keys, *TOKEN_KEYS):
         if _get(now, key) != _get(then, key):
             raise ConfigError(
                 f"{key}={_get(now, key)} but checkpoint {path} has {_get(then, key)}: its "

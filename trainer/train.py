@@ -35,7 +35,7 @@ from trainer.errors import TrainingError
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import StepMeter, perplexity
-from trainer.model import GPT
+from trainer.models import build_model as new_model
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, parallelize
 from trainer.preemption import StopController, StopOnSignal
@@ -189,10 +189,11 @@ class TrainingParts:
     n_params: int  # of the whole model
 
 
-def build_model(cfg: Config, device: torch.device) -> GPT:
-    """The whole model, identically initialised on every rank (same seed)."""
+def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The whole model of `model.arch`, identically initialised on every rank (same seed)."""
     torch.manual_seed(cfg.train.seed)
-    model = load_hf(cfg.model.init_from, cfg.model) if cfg.model.init_from else GPT(cfg.model)
+    init_from = cfg.model.init_from
+    model = load_hf(init_from, cfg.model) if init_from else new_model(cfg.model)
     return model.to(device)
 
 

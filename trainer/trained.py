@@ -13,16 +13,18 @@ import torch
 from data_prep.tokenizers import BPE_FILE, Tokenizer, get_tokenizer
 from trainer import checkpoint, resume
 from trainer.config import model_config
-from trainer.model import GPT
+from trainer.models import build_model
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+def load_model(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, dict]:
     """The model of a checkpoint (a run directory's newest, or one folder) and its trainer
     state, with `checkpoint_dir` added (where files such as a trained tokenizer are)."""
     folder = resume.resolve(path)
     state = {**checkpoint.read_trainer_state(folder), "checkpoint_dir": str(folder)}
     # The saved model section on today's defaults (a key added since is filled in).
-    model = GPT(model_config(state["config"]["model"], dropout=0.0))
+    model = build_model(model_config(state["config"]["model"], dropout=0.0))
     checkpoint.load(folder, model)
     return model.to(device).eval(), state
 

@@ -61,6 +61,9 @@ def attend(
         y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # GQA built in
         return y.reshape(B, T, -1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    # With no past tokens, mask the future; one new token may see everything cached. (Known
+    # from the cache, not from shapes: a compiled block with dynamic shapes needs a bool.)
+    is_causal = cache is None or cache.k is None
     if cache is not None:
         if cache.k is not None:
             if T != 1:
@@ -68,8 +71,6 @@ def attend(
             k = torch.cat([cache.k, k], dim=2)
             v = torch.cat([cache.v, v], dim=2)
         cache.k, cache.v = k, v
-    # With no past tokens, mask the future; one new token may see everything cached.
-    is_causal = k.size(2) == T
     y = F.scaled_dot_product_attention(
         q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=k.size(1) != q.size(1)
     )

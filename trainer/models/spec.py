@@ -50,6 +50,10 @@ class HFFormat:
     model_keys: Callable[[dict[str, Any]], dict[str, Any]]
     # our shape key -> their config.json key, compared for model.init_from
     shape_keys: Mapping[str, str]
+    # their state-dict keys of block i, e.g. r"^(?:transformer\.)?h\.(\d+)\." (layer count)
+    layer_pattern: str | None = None
+    # what their config.json may say that we cannot build: a one-line reason, or None
+    unsupported: Callable[[dict[str, Any]], str | None] = field(default=lambda hf_cfg: None)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from trainer.config import Config, ConfigError
-from trainer.model import GPT
+from trainer.models import spec_of
+from trainer.models.spec import ModelSpec
+from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
 from trainer.parallel.mesh import Layout, build_layout
@@ -43,8 +45,9 @@ class ParallelModel:
     module: nn.Module  # what the optimizer and checkpoints see (no DDP wrapper)
     layout: Layout
     wrapped: nn.Module  # what forward runs (DDP-wrapped, or the same module)
+    spec: ModelSpec | None = None  # the architecture (where its parts are)
     schedule: object | None = None  # pipeline schedule (pp > 1)
-    tied_group: dist.ProcessGroup | None = None
+    tied_group: dist.ProcessGroup | None = None  # pp > 1 with a tied output layer
     grad_accum: int = 1  # losses are divided by it, so accumulated gradients are a mean
     pp_microbatches: int = 1
     set_sync: Callable[[bool], None] = field(default=lambda sync: None)
@@ -91,14 +94,14 @@ class ParallelModel:
     def after_backward(self) -> None:
         """Work between the last backward and the optimizer step (tied-weight gradients)."""
         if self.tied_group is not None:
-            sync_tied_grads(self.module, self.tied_group)
+            sync_tied_grads(self.module, self.tied_group, self.spec)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the *whole* model's gradient, whichever rank holds which part."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if self.tied_group is not None and self.module.tok_emb is None:
+        if self.tied_group is not None and not self.layout.is_first_stage:
             # The last stage's copy of the tied weight was counted on the first stage already.
-            tied = tied_weight(self.module)
+            tied = tied_weight(self.module, self.spec)
             grads = [g for g in grads if tied is None or g is not tied.grad]
         squares = torch.zeros((), device=grads[0].device if grads else "cpu")
         by_layout: dict[tuple, list[DTensor]] = {}
@@ -121,17 +124,23 @@ class ParallelModel:
         return total
 
 
-def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -> ParallelModel:
-    """Apply the configured parallelism to `model` (already on `device`) for this rank."""
+def parallelize(
+    model: nn.Module, cfg: Config, layout: Layout, device: torch.device
+) -> ParallelModel:
+    """Apply the configured parallelism to `model` (already on `device`) for this rank; where
+    its parts are comes from its architecture's spec (`trainer/models/`)."""
     p, t = cfg.parallel, cfg.train
+    spec = spec_of(cfg.model)
     mesh = layout.mesh
     if mesh is not None and p.pp > 1:
-        model = split_model(model, p.pp, layout.pp_rank)
+        model = split_model(model, p.pp, layout.pp_rank, spec)
     if mesh is not None and p.tp > 1:
-        apply_tp(model, mesh["tp"])
-    model.activation_checkpointing = t.activation_checkpointing
+        apply_tp(model, mesh["tp"], spec)
+    blocks = getattr(model, spec.layers)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(blocks)
     if t.compile:
-        for block in model.blocks.values():
+        for block in blocks.values():
             block.compile()  # in place: parameter names stay the same
     wrapped: nn.Module = model
     set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
@@ -140,7 +149,9 @@ def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -
     if mesh is not None and p.dp_shard > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
         param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-        apply_fsdp(model, dp_mesh, p.fsdp_reshard_after_forward, param_dtype, p.fsdp_cpu_offload)
+        apply_fsdp(
+            model, blocks, dp_mesh, p.fsdp_reshard_after_forward, param_dtype, p.fsdp_cpu_offload
+        )
         set_sync = lambda sync: set_fsdp_sync(model, sync)  # noqa: E731
     elif mesh is not None and p.dp_replicate > 1:
         wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb)
@@ -149,6 +160,7 @@ def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -
         model,
         layout,
         wrapped,
+        spec=spec,
         grad_accum=t.grad_accum,
         pp_microbatches=p.pp_microbatches,
         set_sync=set_sync,
@@ -157,5 +169,6 @@ def parallelize(model: GPT, cfg: Config, layout: Layout, device: torch.device) -
         result.schedule = build_schedule(
             wrapped, mesh["pp"], device, p.pp_microbatches, p.pp_schedule, t.grad_accum
         )
-        result.tied_group = tied_weight_group(mesh)
+        if spec.tied(cfg.model):
+            result.tied_group = tied_weight_group(mesh)
     return result

@@ -17,7 +17,7 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, bucket_mb: int) -> Distribu
         model,
         process_group=dp_mesh.get_group(),
         bucket_cap_mb=bucket_mb,
-        # The tied lm_head/tok_emb weight is used twice per step; that is fine for DDP.
+        # A tied output weight is used twice per step; that is fine for DDP.
         # The model has no buffers, so DDP's buffer broadcast (left at its default: the
         # argument's name differs between torch versions) sends nothing.
     )

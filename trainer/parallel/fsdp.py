@@ -28,6 +28,7 @@ from torch.distributed.fsdp import (
 
 def apply_fsdp(
     model: nn.Module,
+    blocks: nn.ModuleDict,
     dp_mesh: DeviceMesh,
     reshard_after_forward: bool,
     param_dtype: torch.dtype | None,
@@ -36,9 +37,9 @@ def apply_fsdp(
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     options = dict(mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
-    for block in model.blocks.values():
+    for block in blocks.values():  # the FSDP units: one per repeated block
         fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
-    # The root holds what is left: embeddings, final LayerNorm, the (tied) output layer.
+    # The root holds what is left: embeddings, the final norm, the output layer.
     fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
     return model
 

@@ -9,8 +9,8 @@ activations travel forward stage to stage (send/recv) and gradients travel back:
 
 The idle "bubble" is about (pp - 1) / (microbatches + pp - 1) of the step.
 
-GPT-2 ties the output layer to the token embedding, but they now live on the first and the
-last stage. Each keeps its own copy (equal at the start); after every backward their
+A tied output layer (GPT-2's; optional for Llama) shares the token embedding's weight, but
+the two now live on the first and the last stage. Each keeps its own copy (equal at the start); after every backward their
 gradients are summed across the two stages, so both copies take identical steps.
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from trainer.model import GPT
+from trainer.models.spec import ModelSpec
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -37,17 +37,19 @@ def stage_blocks(n_layer: int, pp: int, stage: int) -> list[str]:
     return [str(i) for i in range(start, start + per + (stage < extra))]
 
 
-def split_model(model: GPT, pp: int, stage: int) -> GPT:
+def split_model(model: nn.Module, pp: int, stage: int, spec: ModelSpec) -> nn.Module:
     """A copy of `model` with only what `stage` runs; parameter names are unchanged."""
     part = copy.deepcopy(model)
     keep = set(stage_blocks(model.cfg.n_layer, pp, stage))
-    for name in list(part.blocks):
+    blocks = getattr(part, spec.layers)
+    for name in list(blocks):
         if name not in keep:
-            del part.blocks[name]
-    if stage != 0:
-        part.tok_emb = part.pos_emb = part.drop = None
-    if stage != pp - 1:
-        part.ln_f = part.lm_head = None
+            del blocks[name]
+    dropped = (spec.first_stage if stage != 0 else ()) + (
+        spec.last_stage if stage != pp - 1 else ()
+    )
+    for name in dropped:
+        setattr(part, name, None)
     return part
 
 
@@ -84,17 +86,19 @@ def tied_weight_group(mesh: DeviceMesh) -> dist.ProcessGroup | None:
     return mine
 
 
-def tied_weight(stage_module: GPT) -> nn.Parameter | None:
-    if stage_module.tok_emb is not None:
-        return stage_module.tok_emb.weight
-    if stage_module.lm_head is not None:
-        return stage_module.lm_head.weight
+def tied_weight(stage_module: nn.Module, spec: ModelSpec) -> nn.Parameter | None:
+    """This stage's copy of the tied embedding / output weight (None on the middle stages)."""
+    for name in (spec.embedding, spec.output):
+        if getattr(stage_module, name) is not None:
+            return getattr(stage_module, name).weight
     return None
 
 
-def sync_tied_grads(stage_module: GPT, group: dist.ProcessGroup | None) -> None:
+def sync_tied_grads(
+    stage_module: nn.Module, group: dist.ProcessGroup | None, spec: ModelSpec
+) -> None:
     """Sum the tied embedding's gradient over the first and last stage."""
-    weight = tied_weight(stage_module)
+    weight = tied_weight(stage_module, spec)
     if group is None or weight is None or weight.grad is None:
         return
     grad = weight.grad

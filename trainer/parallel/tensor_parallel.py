@@ -1,6 +1,6 @@
 """Tensor parallelism (Megatron-style) with DTensor: each layer's matrices split across ranks.
 
-In every block:
+In every block (GPT-2's plan; each architecture states its own, `trainer/models/<arch>/`):
 
     attention: q, k, v  ColwiseParallel  -> each rank computes n_head / tp heads
                o_proj   RowwiseParallel  -> partial sums, all-reduced into the full output
@@ -17,23 +17,14 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    RowwiseParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor.parallel import parallelize_module
 
-BLOCK_PLAN = {
-    "attn.q_proj": ColwiseParallel(),
-    "attn.k_proj": ColwiseParallel(),
-    "attn.v_proj": ColwiseParallel(),
-    "attn.o_proj": RowwiseParallel(),
-    "mlp.fc": ColwiseParallel(),
-    "mlp.proj": RowwiseParallel(),
-}
+from trainer.models.spec import ModelSpec
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
-    for block in model.blocks.values():
-        parallelize_module(block, tp_mesh, BLOCK_PLAN)
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, spec: ModelSpec) -> nn.Module:
+    """Each block split as its architecture's plan says (`spec.tp_block_plan`)."""
+    plan = spec.tp_block_plan(model.cfg)
+    for block in getattr(model, spec.layers).values():
+        parallelize_module(block, tp_mesh, plan)
     return model

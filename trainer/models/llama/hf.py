@@ -37,7 +37,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     present, equal to the embedding when tied)."""
     out = {
         "model.embed_tokens.weight": state["tok_emb.weight"],
-        "model.norm.weight": state["norm.weight"],
+        "model.norm.weight": state["final_norm.weight"],
         "lm_head.weight": state["tok_emb.weight" if cfg.tie_embeddings else "lm_head.weight"],
     }
     for i in range(cfg.n_layer):
@@ -54,7 +54,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     else:
         lm_head = None
     hf = {k.removeprefix("model."): v for k, v in hf.items()}
-    out = {"tok_emb.weight": hf["embed_tokens.weight"], "norm.weight": hf["norm.weight"]}
+    out = {"tok_emb.weight": hf["embed_tokens.weight"], "final_norm.weight": hf["norm.weight"]}
     for i in range(cfg.n_layer):
         for ours, theirs in _BLOCK.items():
             out[f"blocks.{i}.{ours}"] = hf[f"layers.{i}.{theirs}"]

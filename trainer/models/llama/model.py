@@ -185,7 +185,7 @@ class Llama(nn.Module):
         # A dict keyed "0", "1", ...: the same parameter names as a list, but a pipeline stage
         # can drop the blocks it does not run and keep every remaining name unchanged.
         self.blocks = nn.ModuleDict({str(i): Block(cfg, rotary) for i in range(cfg.n_layer)})
-        self.norm = RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
+        self.final_norm = RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:  # Llama 3.2 1B/3B tie; 8B and larger do not
             self.lm_head.weight = self.tok_emb.weight
@@ -241,7 +241,7 @@ class Llama(nn.Module):
             x = block(x, kv_cache[int(name)] if kv_cache else None)
         if self.lm_head is None:
             return x
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)

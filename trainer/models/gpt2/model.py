@@ -4,7 +4,8 @@ It computes exactly what Hugging Face `transformers`' `GPT2LMHeadModel` computes
 positions, pre-LayerNorm blocks, tanh-GELU MLP, tied token embedding / unembedding) with one
 layout change that later parallelism needs: query, key and value are three `nn.Linear`s instead
 of one fused `c_attn`, so tensor parallelism can split each of them by heads.
-`trainer/hf.py` converts weights to and from Hugging Face's layout.
+`hf.py` beside this file converts weights to and from Hugging Face's layout; `__init__.py`
+tells the generic code (parallelism, checkpoints, export) where everything is.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from trainer.config import ModelConfig
 from trainer.models.attention import LayerCache, attend
-
-
-def new_kv_cache(cfg: ModelConfig) -> list[LayerCache]:
-    return [LayerCache() for _ in range(cfg.n_layer)]
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,8 +81,6 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
-        # Recompute each block's activations in the backward pass instead of storing them.
-        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,6 +94,9 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
             else:
                 nn.init.normal_(p, std=0.02)
+
+    def new_kv_cache(self) -> list[LayerCache]:
+        return [LayerCache() for _ in range(self.cfg.n_layer)]
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once); without position embeddings by default."""
@@ -131,10 +128,7 @@ class GPT(nn.Module):
         else:
             x = idx
         for name, block in self.blocks.items():
-            if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, kv_cache[int(name)] if kv_cache else None)
+            x = block(x, kv_cache[int(name)] if kv_cache else None)
         if self.lm_head is None:
             return x
         logits = self.lm_head(self.ln_f(x))
