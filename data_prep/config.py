@@ -39,7 +39,9 @@ class CorpusConfig:
     """What dlt-prep reads: the corpus and how to tokenize it (values: data/base.yaml)."""
 
     name: str
-    tokenizer: str | None  # gpt2 | bpe | bytes
+    tokenizer: str | None  # gpt2 | bpe | bytes | hf
+    tokenizer_path: str | None  # tokenizer=hf: a folder holding a tokenizer.json
+    eot_token: str | None  # tokenizer=hf: the end-of-text token; null: from the tokenizer
     out: str | None  # where dlt-prep writes the shards
     input: list[str]  # files, globs, hf:NAME, hf-disk:PATH, pkg://module/file
     val_input: list[str]  # a separate validation corpus

@@ -1,7 +1,8 @@
 """The prep job: plan chunks -> (train a BPE) -> tokenize each chunk into shards -> manifest.
 
     plan()           cut the corpus into chunks; written to plan.json (reused by re-runs)
-    prepare_tokenizer()   for tokenizer=bpe, train it once on the training documents
+    prepare_tokenizer()   for tokenizer=bpe, train it once on the training documents; for
+                     tokenizer=hf, copy data.tokenizer_path's tokenizer.json next to the shards
     process_chunk(i) chunk i -> train/0000i.npy (+ val/0000i.npy) + chunks/0000i.json;
                      skipped when its shards are already intact (restartable; the unit of
                      work of a SLURM array task)
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -30,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.config import DOC_SEPARATORS, INPUT_FORMATS, CorpusConfig
-from data_prep.files import temporary_name, write_json_atomic
+from data_prep.files import temporary_name, write_json_atomic, write_text_atomic
 from data_prep.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -50,11 +52,21 @@ from data_prep.sources import (
     plan_chunks,
     read_chunk,
 )
-from data_prep.tokenizers import BPE_FILE, NAMES, Tokenizer, get_tokenizer, save_bpe, train_bpe
+from data_prep.tokenizers import (
+    BPE_FILE,
+    HF_FILE,
+    NAMES,
+    TOKENIZER_FILES,
+    Tokenizer,
+    get_tokenizer,
+    hf_tokenizer_text,
+    save_bpe,
+    train_bpe,
+)
 
 PLAN = "plan.json"
 # What prep writes (and deletes) in data.out, with `.tmp` names next to them while writing.
-OUTPUTS = (MANIFEST, PLAN, BPE_FILE, "chunks", *SPLITS)
+OUTPUTS = (MANIFEST, PLAN, BPE_FILE, HF_FILE, "chunks", *SPLITS)
 # Settings that change what the shards contain: a re-run with other values must not mix in.
 SHARD_SETTINGS = (
     "tokenizer",
@@ -89,6 +101,10 @@ def check_prep_config(cfg: CorpusConfig) -> None:
         raise DataError(f"data.chunk_mb={cfg.chunk_mb}: must be positive")
     if cfg.tokenizer == "bpe" and not 258 <= cfg.bpe_vocab_size <= 2**32:
         raise DataError(f"data.bpe_vocab_size={cfg.bpe_vocab_size}: must be at least 258")
+    if cfg.tokenizer == "hf" and not cfg.tokenizer_path:
+        raise DataError(
+            "data.tokenizer_path: not set; tokenizer=hf reads the tokenizer.json in that folder"
+        )
 
 
 def settings_of(cfg: CorpusConfig) -> dict[str, Any]:
@@ -104,6 +120,8 @@ def plan(cfg: CorpusConfig) -> list[Chunk]:
     inputs = all_inputs(cfg)
     check_inputs_outside_outputs(inputs, out)
     signature = {"settings": settings_of(cfg), "inputs": input_signature([s for s, _ in inputs])}
+    if cfg.tokenizer == "hf":  # its content (not its path): another tokenizer must not mix in
+        signature["tokenizer_sha256"] = hashlib.sha256(hf_text(cfg).encode()).hexdigest()
     plan_path = out / PLAN
     if plan_path.is_file():
         saved = read_plan(out)
@@ -122,9 +140,10 @@ def plan(cfg: CorpusConfig) -> list[Chunk]:
         raise DataError(f"data.input: the inputs are empty (no documents): {names}")
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    # A tokenizer trained for an earlier, abandoned plan must not be reused for this one.
-    with writing(out / BPE_FILE):
-        (out / BPE_FILE).unlink(missing_ok=True)
+    # A tokenizer trained (or copied) for an earlier, abandoned plan must not be reused.
+    for name in TOKENIZER_FILES.values():
+        with writing(out / name):
+            (out / name).unlink(missing_ok=True)
     with writing(plan_path):
         write_json_atomic(
             plan_path,
@@ -181,9 +200,32 @@ def read_plan(out: Path) -> dict[str, Any]:
         ) from None
 
 
+def hf_text(cfg: CorpusConfig) -> str:
+    """tokenizer=hf: the HF_FILE for data.tokenizer_path and data.eot_token (checked)."""
+    try:
+        return hf_tokenizer_text(cfg.tokenizer_path, cfg.eot_token)
+    except OSError as err:
+        raise DataError(f"data.tokenizer_path={cfg.tokenizer_path}: {err}") from None
+
+
 def prepare_tokenizer(cfg: CorpusConfig, chunks: list[Chunk]) -> Tokenizer:
-    """The tokenizer; for `bpe`, trained here first (once) on up to bpe_train_mb of text."""
+    """The tokenizer; for `bpe`, trained here first (once) on up to bpe_train_mb of text; for
+    `hf`, data.tokenizer_path's tokenizer stored next to the shards (HF_FILE) first."""
     out = Path(cfg.out)
+    if cfg.tokenizer == "hf":
+        text = hf_text(cfg)
+        stored = out / HF_FILE
+        if not stored.is_file() or stored.read_text(encoding="utf-8") != text:
+            with writing(stored):
+                write_text_atomic(stored, text)
+            tokenizer = get_tokenizer("hf", out)
+            print(
+                f"dlt-prep: tokenizer=hf from data.tokenizer_path={cfg.tokenizer_path}: "
+                f"{tokenizer.vocab_size} ids, end-of-text token {tokenizer.eot_token!r} "
+                f"(id {tokenizer.eot_id})",
+                flush=True,
+            )
+            return tokenizer
     if cfg.tokenizer == "bpe" and not (out / BPE_FILE).is_file():
         print(
             f"dlt-prep: training a BPE tokenizer (data.bpe_vocab_size={cfg.bpe_vocab_size}) on "
@@ -245,10 +287,7 @@ def tokenize(docs: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarr
     """Concatenated ids of the documents, each followed by the end-of-text id."""
     ids = array("I")
     for doc in docs:
-        if tokenizer.encoding is None:
-            ids.extend(doc.encode("utf-8"))
-        else:
-            ids.extend(tokenizer.encoding.encode_ordinary(doc))
+        ids.extend(tokenizer.encode_ordinary(doc))
         ids.append(tokenizer.eot_id)
     return np.frombuffer(ids, dtype=np.uint32).astype(dtype)
 
@@ -321,7 +360,7 @@ def finalize(cfg: CorpusConfig, chunks: list[Chunk], tokenizer: Tokenizer) -> di
             "hash": tokenizer.hash,
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
-            "file": BPE_FILE if tokenizer.name == "bpe" else None,
+            "file": TOKENIZER_FILES.get(tokenizer.name),
         },
         "dtype": token_dtype(tokenizer.vocab_size).name,
         "splits": {s: v for s, v in splits.items() if v["shards"]},

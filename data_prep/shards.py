@@ -4,6 +4,7 @@
       manifest.json            the dataset's table of contents; no manifest, no dataset
       plan.json                the chunk plan (inputs, settings, byte/row ranges)
       tokenizer.tiktoken       only for tokenizer=bpe: the trained merge ranks
+      tokenizer.hf.json        only for tokenizer=hf: its tokenizer.json and end-of-text token
       chunks/00007.json        chunk 7 is done: its shards, token counts and sha256
       train/00007.npy          chunk 7's training tokens (1-D uint16/uint32)
       val/00007.npy            chunk 7's validation tokens, if it has any

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from data_prep.files import fsync_file, fsync_folder
+from data_prep.tokenizers import save_tokenizer
 from jobs.cli import compose_config, errors_as_one_line, print_help, to_schema, wants_help
 from trainer.config import ConfigError
 from trainer.hf import save_hf
@@ -55,6 +56,7 @@ def write_export(model: torch.nn.Module, state: dict, fmt: str, folder: Path) ->
     """Write the export files of `model` (trainer `state` from its checkpoint) into `folder`."""
     if fmt == "hf":
         save_hf(model, folder, eot_id=checkpoint_tokenizer(state).eot_id)
+        save_tokenizer(checkpoint_tokenizer(state), folder, model.cfg.block_size)
         return
     # Plain tensors only (a tied output weight once): torch.load(weights_only=True) reads it.
     again = {output for _, output in spec_of(model.cfg).tied(model.cfg)}

@@ -17,7 +17,8 @@ from jobs.submit import submit_prep
 from trainer.config import ConfigError
 
 USAGE = (
-    "data=<preset> [data.input=PATH ...] [tokenizer=gpt2|bpe|bytes] [data.out=DIR] "
+    "data=<preset> [data.input=PATH ...] [tokenizer=gpt2|bpe|bytes|hf] "
+    "[data.tokenizer_path=DIR] [data.out=DIR] "
     "[cluster=local|<profile>] [dry_run=true]"
 )
 PHASES = ("all", "plan", "chunks", "finalize")

@@ -463,3 +463,141 @@ def test_sampling_filters_give_a_distribution():
     out = torch.softmax(filter_logits(probs.log(), top_p=0.7), dim=-1)
     assert math.isclose(out.sum().item(), 1.0, rel_tol=1e-6)
     assert torch.allclose(out, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+# --- tokenizers: in checkpoints, for generation, in every export ----------------------------
+
+
+def prep_with_cli(out, tokenizer: str, *extra: str):
+    """dlt-prep on the start of the embedded KJV corpus with `tokenizer` into `out`."""
+    from test_tokenizers import sample_text
+
+    from jobs import prep as prep_cli
+
+    out.mkdir(parents=True)
+    corpus = out.parent / f"{out.name}.txt"
+    corpus.write_text(sample_text(30_000), encoding="utf-8")
+    argv = [f"data.input=[{corpus}]", f"data.out={out}", f"tokenizer={tokenizer}", "workers=1"]
+    prep_cli.main([*argv, "data.val_fraction=0", "data.bpe_vocab_size=300", *extra])
+    return out
+
+
+def train_briefly(run_dir, dataset, tokenizer: str, **extra):
+    from trainer.train import run
+
+    return run(
+        {
+            "run": {"dir": str(run_dir)},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "warmup_steps": 1},
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+            "eval": {"interval": 0},
+            "log": {"interval": 1, "progress": False},
+            "data": {"kind": "shards", "path": str(dataset), "tokenizer": tokenizer},
+            "device": "cpu",
+            **extra,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_run(tmp_path_factory, run_dir):
+    """Factory: a tokenizer name -> a run trained briefly on a dataset dlt-prep made with it
+    (bytes: the dummy-data run; hf: a tokenizer.json the tests train, at root/hf-tokenizer)."""
+    from test_tokenizers import train_hf_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizer_runs")
+    runs = {"bytes": run_dir}
+
+    def make(name: str):
+        if name not in runs:
+            extra = []
+            if name == "hf":
+                folder = train_hf_tokenizer(root / "hf-tokenizer")
+                extra = [f"data.tokenizer_path={folder}"]
+            dataset = prep_with_cli(root / f"data-{name}", name, *extra)
+            result = train_briefly(root / f"run-{name}", dataset, name)
+            assert result.step == 3 and result.last_checkpoint is not None
+            runs[name] = root / f"run-{name}"
+        return runs[name]
+
+    make.root = root
+    return make
+
+
+def test_hf_tokenizer_prep_train_generate(tokenizer_run, capsys):
+    """tokenizer=hf data.tokenizer_path=DIR: prep -> train -> the tokenizer travels in the
+    checkpoint -> dlt-generate decodes with it."""
+    from pathlib import Path
+
+    from data_prep.tokenizers import HF_FILE
+
+    run_path = tokenizer_run("hf")
+    model, state = load_model(run_path)
+    assert state["config"]["data"]["tokenizer"] == "hf"
+    assert (Path(state["checkpoint_dir"]) / HF_FILE).is_file()
+    tok = checkpoint_tokenizer(state)
+    assert tok.name == "hf" and tok.eot_token == "<|end_of_text|>" and tok.vocab_size == 400
+    capsys.readouterr()
+    prompt = "In the beginning God"
+    argv = ["max_new_tokens=8", "temperature=0", "device=cpu"]
+    generate_cli.main([f"checkpoint={run_path}", f"prompt={prompt}", *argv])
+    printed = capsys.readouterr().out
+    ids = generate(model, torch.tensor([tok.encode(prompt)]), 8, temperature=0)
+    assert printed == tok.decode(ids[0].tolist()) + "\n"
+    assert printed.startswith(prompt)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bpe", "bytes", "hf"])
+def test_export_hf_writes_a_tokenizer_auto_tokenizer_reads(tokenizer_run, tmp_path, name):
+    """Every dlt-export format=hf carries the run's tokenizer: AutoTokenizer gives our ids
+    and decodes them back to the text."""
+    from test_tokenizers import check_auto_tokenizer
+
+    run_path = tokenizer_run(name)
+    out = tmp_path / "hf"
+    export_cli.main([f"checkpoint={run_path}", "format=hf", f"out={out}"])
+    files = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert files <= {p.name for p in out.iterdir()}
+    _, state = load_model(run_path)
+    tok = checkpoint_tokenizer(state)
+    check_auto_tokenizer(out, tok)
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.eos_token_id == tok.eot_id
+    assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == 32
+
+
+def test_resume_onto_a_dataset_with_another_hf_tokenizer_is_refused(tokenizer_run, tmp_path):
+    """The same tokenizer.json with another end-of-text token: the same vocabulary size, but
+    another hash, so a run (or a new run from its checkpoint) cannot continue on it."""
+    import shutil
+
+    from trainer.config import ConfigError
+
+    run_path = tokenizer_run("hf")
+    folder = tokenizer_run.root / "hf-tokenizer"
+    other = prep_with_cli(
+        tmp_path / "other",
+        "hf",
+        f"data.tokenizer_path={folder}",
+        "data.eot_token='<|begin_of_text|>'",  # quoted: Hydra's override grammar
+    )
+    _, state = load_model(run_path)
+    copy = shutil.copytree(run_path, tmp_path / "copy")
+    for run_dir, extra in [(copy, {}), (tmp_path / "new", {"resume": state["checkpoint_dir"]})]:
+        with pytest.raises(ConfigError, match=r"^data.tokenizer_hash=\w+ but checkpoint "):
+            train_briefly(run_dir, other, "hf", **extra)
+
+
+def test_generate_hf_on_a_checkpoint_without_one(run_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        generate_cli.main([f"checkpoint={run_dir}", "tokenizer=hf", "device=cpu"])
+    assert exc.value.code == 2
+    line = one_error_line(capsys.readouterr().err, "dlt-generate")
+    assert "tokenizer=hf: checkpoint " in line
+    assert "carries no Hugging Face tokenizer (tokenizer.hf.json); use tokenizer=bytes" in line
+
+
+def test_hf_run_whose_checkpoint_lost_its_tokenizer(tmp_path):
+    state = {"config": {"data": {"tokenizer": "hf"}}, "checkpoint_dir": str(tmp_path)}
+    with pytest.raises(CheckpointError, match="copy the dataset's tokenizer.hf.json into it"):
+        checkpoint_tokenizer(state)

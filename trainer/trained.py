@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.tokenizers import BPE_FILE, Tokenizer, get_tokenizer
+from data_prep.tokenizers import TOKENIZER_FILES, Tokenizer, get_tokenizer
 from trainer import checkpoint, resume
 from trainer.config import model_config
 from trainer.models import build_model
@@ -31,17 +31,19 @@ def load_model(
 
 def checkpoint_tokenizer(state: dict, name: str | None = None) -> Tokenizer:
     """Tokenizer `name` for a checkpoint (default: the run's own, `data.tokenizer`); a trained
-    BPE is read from the checkpoint folder (`state` as returned by `load_model`)."""
+    BPE or a Hugging Face tokenizer (tokenizer=hf) is read from the checkpoint folder, where
+    training copied it (`state` as returned by `load_model`)."""
     trained = state["config"]["data"]["tokenizer"]
     name = name or trained
     folder = Path(state["checkpoint_dir"])
-    if name == "bpe" and not (folder / BPE_FILE).is_file():
-        if trained == "bpe":
-            instead = f"the run was trained with it: copy the dataset's {BPE_FILE} into it"
+    file = TOKENIZER_FILES.get(name)
+    if file and not (folder / file).is_file():
+        if trained == name:
+            instead = f"the run was trained with it: copy the dataset's {file} into it"
         else:
             instead = f"use tokenizer={trained}, the one the run was trained with"
+        what = "trained BPE tokenizer" if name == "bpe" else "Hugging Face tokenizer"
         raise checkpoint.CheckpointError(
-            f"tokenizer=bpe: checkpoint {folder} carries no trained BPE tokenizer "
-            f"({BPE_FILE}); {instead}"
+            f"tokenizer={name}: checkpoint {folder} carries no {what} ({file}); {instead}"
         )
     return get_tokenizer(name, folder)
