@@ -4,7 +4,8 @@ One entry point for every benchmark; each prints its table.
 
 - `size=smoke` (the default): toy sizes and 1-3 steps, a minute or two on 2 cores. It checks
   that every benchmark runs; its figures are not measurements (each table says so).
-- `size=full`: the measurements (`gpt2_small` in fp32 and bf16, more steps: long on a CPU).
+- `size=full`: the measurements (`gpt2_small` and `llama_150m` in fp32 and bf16, more steps:
+  long on a CPU).
 - `write=true` (with `size=full` only): also append the tables to benchmarks/results.md, with
   the machine, versions, date and command. Without it nothing is written.
 
@@ -24,6 +25,7 @@ SIZES = {
             "--models",
             "tiny",
             "gpt2_small",
+            "llama_150m",
             "--precisions",
             "fp32",
             "bf16",
@@ -40,6 +42,7 @@ SIZES = {
         "train": [
             "--models",
             "tiny",
+            "llama_tiny",
             "--precisions",
             "fp32",
             "--steps",

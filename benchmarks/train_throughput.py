@@ -52,7 +52,7 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny", "gpt2_small"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "llama_tiny", "gpt2_small"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3, help="warm-up steps = measured steps")
     parser.add_argument("--micro-batch", type=int, default=1)

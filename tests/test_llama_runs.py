@@ -1,0 +1,103 @@
+"""Llama through the whole pipeline: train, export (AutoModelForCausalLM loads it, with its
+tokenizer), start from a Hugging Face folder, generate, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import export as export_cli
+from jobs import generate as generate_cli
+from trainer.hf import save_hf
+from trainer.run_dir import METRICS, read_jsonl
+from trainer.train import run
+from trainer.trained import load_model
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LLAMA = {
+    "arch": "llama",
+    "name": "llama_test",
+    "n_layer": 2,
+    "n_head": 4,
+    "n_kv_head": 2,
+    "n_embd": 32,
+    "block_size": 32,
+    "tie_embeddings": False,
+    "multiple_of": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory) -> Path:
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path_factory.mktemp("llama") / "run", model=dict(LLAMA))
+    cfg["train"]["max_steps"] = 4
+    result = run(cfg)
+    assert result.step == 4
+    return Path(cfg["run"]["dir"])
+
+
+def test_llama_trains_and_its_loss_falls(llama_run):
+    losses = [r["loss"] for r in read_jsonl(llama_run / METRICS)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_export_loads_with_auto_model_and_auto_tokenizer(llama_run, tmp_path):
+    out = tmp_path / "hf"
+    export_cli.main([f"checkpoint={llama_run}", "format=hf", f"out={out}"])
+    model, _ = load_model(llama_run)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.config.num_key_value_heads == 2 and not hf.config.tie_word_embeddings
+    x = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(x) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-5
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer.encode("Hi there", add_special_tokens=False)) == "Hi there"
+
+
+def test_init_from_a_local_llama_folder_starts_from_its_weights(llama_run, tmp_path):
+    """The exported-then-imported weights are the starting point: the first step's loss of a
+    run from the folder equals the loss of the source model on the same first batch."""
+    model, _ = load_model(llama_run)
+    folder = save_hf(model, tmp_path / "hf_llama", eot_id=None)
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "from_hf", model={**LLAMA, "init_from": str(folder)})
+    cfg["train"].update(max_steps=1, lr=1e-12, min_lr=0.0, warmup_steps=0)
+    started = run(cfg)
+    cfg2 = tiny_config(tmp_path / "again", model={**LLAMA, "init_from": str(folder)})
+    cfg2["train"].update(max_steps=1, lr=1e-12, min_lr=0.0, warmup_steps=0)
+    assert run(cfg2).losses == started.losses  # deterministic start
+    fresh = tiny_config(tmp_path / "fresh", model=dict(LLAMA))
+    fresh["train"].update(max_steps=1, lr=1e-12, min_lr=0.0, warmup_steps=0)
+    assert run(fresh).losses[1] != started.losses[1]  # not a fresh init
+    loaded, _ = load_model(tmp_path / "from_hf")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=1e-9)
+
+
+def test_init_from_a_gpt2_folder_into_a_llama_is_refused(tmp_path, capsys):
+    from conftest import tiny_config
+
+    from trainer.config import ConfigError, model_config
+    from trainer.models import build_model
+
+    gpt2 = build_model(model_config(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=257))
+    folder = save_hf(gpt2, tmp_path / "gpt2")
+    cfg = tiny_config(tmp_path / "run", model={**LLAMA, "init_from": str(folder)})
+    with pytest.raises(ConfigError, match="a gpt2 model, but model.arch=llama"):
+        run(cfg)
+
+
+def test_generate_from_a_llama_checkpoint(llama_run, capsys):
+    generate_cli.main(
+        [f"checkpoint={llama_run}", "prompt=Hi", "max_new_tokens=6", "temperature=0", "device=cpu"]
+    )
+    assert capsys.readouterr().out.startswith("Hi")
