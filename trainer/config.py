@@ -111,7 +111,7 @@ class DataConfig:
     name: str
     kind: str  # dummy: synthetic tokens | shards: a prepared dataset at `path`
     path: str | None  # the shard dataset the trainer reads
-    tokenizer: str | None  # gpt2 | bpe | bytes; null: whatever the dataset used
+    tokenizer: str | None  # gpt2 | bpe | bytes | hf; null: whatever the dataset used
     vocab_size: int | None  # ids in the data are below this; null: from the dataset
     tokenizer_hash: str | None  # filled from the dataset's manifest
     dummy_branching: int  # dummy: each token has this many possible successors
