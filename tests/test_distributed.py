@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ from trainer.trained import load_model
 pytestmark = pytest.mark.multiproc
 
 MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 32}
+# llama_tiny's architecture at the same size: 4 query heads share 2 key/value heads (TP 2
+# splits both), untied output layer; the tied variant exercises the pipeline's tied weight.
+LLAMA = {**MODEL, "arch": "llama", "n_kv_head": 2, "tie_embeddings": False, "multiple_of": 32}
+LLAMA_TIED = {**LLAMA, "tie_embeddings": True}
 MEMORY_MODEL = {**MODEL, "n_embd": 128}  # bigger matrices: FSDP's padding is negligible
 STEPS = 5
 GLOBAL_BATCH = 4
@@ -98,9 +102,12 @@ class Job:
     steps: int = STEPS
     stop_at: int | None = None  # stop (and save) after this step
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    ref: str | None = None  # the single-process run it must match, when not the default
 
     @property
     def reference(self) -> str:  # the single-process run it must match
+        if self.ref:
+            return self.ref
         return "single" if self.precision == "fp32" else f"single_{self.precision}"
 
     @property
@@ -153,6 +160,26 @@ LAYOUTS: dict[str, Job] = {
         2, parallel("fsdp"), {"micro_batch_size": 2}, checkpoint={"interval": 2, "async_save": True}
     ),
 }
+# The same suite for the Llama architecture (against its own single-process run).
+LLAMA_LAYOUTS = {
+    "ddp2": Job(2, parallel("ddp"), {"micro_batch_size": 2}),
+    "fsdp2": Job(2, parallel("fsdp"), {"micro_batch_size": 2}),
+    "zero2_2": Job(2, parallel("zero2"), {"micro_batch_size": 2}),
+    "hsdp2x2": Job(4, parallel("hsdp", dp_replicate=2, dp_shard=2), {"micro_batch_size": 1}),
+    "tp2": Job(2, parallel("tp")),
+    "pp2_gpipe_mb2": Job(2, parallel("pp", pp_schedule="gpipe", pp_microbatches=2)),
+    "pp2_1f1b_mb4": Job(2, parallel("pp", pp_schedule="1f1b", pp_microbatches=4)),
+    "fsdp2_tp2": Job(4, parallel("fsdp_tp"), {"micro_batch_size": 2}),
+    "pp2_tp2": Job(4, parallel("pp", pp=2, tp=2, pp_microbatches=2)),
+    "fsdp2_actckpt": Job(
+        2, parallel("fsdp"), {"micro_batch_size": 2, "activation_checkpointing": True}
+    ),
+}
+for _name, _job in LLAMA_LAYOUTS.items():
+    LAYOUTS[f"llama_{_name}"] = replace(_job, model=LLAMA, ref="llama_single")
+LAYOUTS["llama_tied_pp2"] = Job(
+    2, parallel("pp", pp_microbatches=2), model=LLAMA_TIED, ref="llama_tied_single"
+)
 FP32_LAYOUTS = [name for name, job in LAYOUTS.items() if job.precision == "fp32"]
 MEMORY_STEPS = 3
 MEMORY_LAYOUTS = {
@@ -169,9 +196,18 @@ MEMORY_LAYOUTS = {
         ("mem_fsdp4", 4, "fsdp"),
     ]
 }
+LLAMA_MEMORY_MODEL = {**LLAMA, "n_embd": 128}
+MEMORY_LAYOUTS["mem_llama_fsdp2"] = Job(
+    2, parallel("fsdp"), {"micro_batch_size": 2}, model=LLAMA_MEMORY_MODEL, steps=MEMORY_STEPS
+)
 # Stopped after step 3 (a checkpoint with optimizer state) for the resharding tests.
 RESUME_AT = 3
-STOPPED = {"fsdp4_stop3": Job(4, parallel("fsdp"), {"micro_batch_size": 1}, stop_at=RESUME_AT)}
+STOPPED = {
+    "fsdp4_stop3": Job(4, parallel("fsdp"), {"micro_batch_size": 1}, stop_at=RESUME_AT),
+    "llama_fsdp4_stop3": Job(
+        4, parallel("fsdp"), {"micro_batch_size": 1}, model=LLAMA, stop_at=RESUME_AT
+    ),
+}
 
 SINGLE = {
     "single": Job(1, {}),
@@ -179,6 +215,9 @@ SINGLE = {
     "single_fp16": Job(1, {}, precision="fp16"),
     "mem_single": Job(1, {}, model=MEMORY_MODEL, steps=MEMORY_STEPS),
     "single_stop3": Job(1, {}, stop_at=RESUME_AT),
+    "llama_single": Job(1, {}, model=LLAMA),
+    "mem_llama_single": Job(1, {}, model=LLAMA_MEMORY_MODEL, steps=MEMORY_STEPS),
+    "llama_tied_single": Job(1, {}, model=LLAMA_TIED),
 }
 
 
@@ -260,7 +299,7 @@ def test_losses_match_single_process(runs, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FP32_LAYOUTS)
 def test_final_parameters_match_single_process(runs, name):
-    got, want = final_weights(runs.dir(name)), final_weights(runs.dir("single"))
+    got, want = final_weights(runs.dir(name)), final_weights(runs.dir(LAYOUTS[name].reference))
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=PARAM_ATOL, msg=key)
@@ -282,15 +321,23 @@ def test_state_gib_counts_parameters_gradients_and_adam_moments(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, shards", [("mem_fsdp2", 2), ("mem_fsdp4", 4), ("mem_ddp2", 1)])
-def test_state_per_rank(runs, name, shards):
+@pytest.mark.parametrize(
+    "name, shards, reference",
+    [
+        ("mem_fsdp2", 2, "mem_single"),
+        ("mem_fsdp4", 4, "mem_single"),
+        ("mem_ddp2", 1, "mem_single"),
+        ("mem_llama_fsdp2", 2, "mem_llama_single"),
+    ],
+)
+def test_state_per_rank(runs, name, shards, reference):
     """FSDP2 splits every parameter (and so its gradient and Adam moments) on dim 0 into
     `shards` chunks of ceil(rows / shards) rows: the largest rank holds at most one extra row
     per tensor. With n_embd 128 every dim 0 (128, 512, 32 positions) divides by 4 except the
     257-row token embedding (65 rows instead of 64.25 on 4 ranks: +0.4% of the model), so the
     maximum over ranks is within 1% of single / N; 10% is the bound we hold it to.
     DDP keeps a full copy on every rank: exactly the single-process bytes."""
-    single = records(runs.dir("mem_single"))[MEMORY_STEPS]["state_gib"]
+    single = records(runs.dir(reference))[MEMORY_STEPS]["state_gib"]
     per_rank = records(runs.dir(name))[MEMORY_STEPS]["state_gib"]
     if shards == 1:
         assert per_rank == pytest.approx(single, rel=1e-9)
@@ -302,9 +349,9 @@ def test_state_per_rank(runs, name, shards):
 # --- 3. checkpoints move between layouts ---------------------------------------------------
 
 
-def single_view(ckpt: Path, root: Path) -> tuple[dict, dict]:
+def single_view(ckpt: Path, root: Path, model: dict[str, Any] = MODEL) -> tuple[dict, dict]:
     """Model and AdamW state of checkpoint `ckpt`, loaded into one process."""
-    _, pm, optimizer = build_training_state(config(root / "view"))
+    _, pm, optimizer = build_training_state(config(root / "view", model=model))
     checkpoint.load(ckpt, pm.module, optimizer)
     return get_state_dict(pm.module, optimizer)
 
@@ -327,21 +374,24 @@ def assert_same_state(got: tuple[dict, dict], want: tuple[dict, dict], hop: str)
 
 
 @pytest.mark.slow
-def test_checkpoint_reshards_exactly_across_layouts(runs, tmp_path):
-    """FSDP 4 -> DDP 2 -> one process -> TP 2 x FSDP 2 -> one process: each hop loads the previous checkpoint into its layout and saves it again; parameters and
-    AdamW state (exp_avg, exp_avg_sq, step) come out bit for bit as they went in."""
-    source = runs.dir("fsdp4_stop3") / CHECKPOINTS / f"step_{RESUME_AT}"
-    original = single_view(source, tmp_path)
+@pytest.mark.parametrize("arch, model", [("gpt2", MODEL), ("llama", LLAMA)])
+def test_checkpoint_reshards_exactly_across_layouts(runs, tmp_path, arch, model):
+    """FSDP 4 -> DDP 2 -> one process -> TP 2 x FSDP 2 -> one process: each hop loads the
+    previous checkpoint into its layout and saves it again; parameters and AdamW state
+    (exp_avg, exp_avg_sq, step) come out bit for bit as they went in."""
+    stopped = "fsdp4_stop3" if arch == "gpt2" else f"{arch}_fsdp4_stop3"
+    source = runs.dir(stopped) / CHECKPOINTS / f"step_{RESUME_AT}"
+    original = single_view(source, tmp_path, model)
     assert {int(s["step"]) for s in original[1]["state"].values()} == {RESUME_AT}
 
     def hop(world: int, layout: dict, src: Path, name: str) -> Path:
-        cfg = config(tmp_path / "cfg", layout)
+        cfg = config(tmp_path / "cfg", layout, model=model)
         if world == 1:
             reshard_worker(0, cfg, str(src), str(tmp_path / name))
         else:
             spawn(world, reshard_worker, cfg, str(src), str(tmp_path / name))
         ckpt = tmp_path / name / CHECKPOINTS / f"step_{RESUME_AT}"
-        assert_same_state(single_view(ckpt, tmp_path), original, f"after {name}")
+        assert_same_state(single_view(ckpt, tmp_path, model), original, f"after {name}")
         return ckpt
 
     ckpt = hop(2, parallel("ddp"), source, "ddp2")
@@ -427,6 +477,14 @@ def test_bad_layout_is_a_config_error(tmp_path, world, layout, precision, match)
     cfg = config(tmp_path / "run", layout, precision=precision)
     with pytest.raises(ConfigError, match=match):
         load_config(cfg, world_size=world)  # the layout rules are part of the one validation
+
+
+def test_tensor_parallel_must_split_the_key_value_heads_too(tmp_path):
+    """Grouped-query attention: 4 query heads but 2 key/value heads cannot go on 4 ranks."""
+    cfg = config(tmp_path / "run", {"tp": 4}, model=LLAMA)
+    with pytest.raises(ConfigError, match=r"parallel\.tp=4 must divide the key/value heads"):
+        load_config(cfg, world_size=4)
+    load_config(config(tmp_path / "run", {"tp": 2}, model=LLAMA), world_size=2)
 
 
 def test_bad_layout_fails_before_any_work(tmp_path, monkeypatch):
