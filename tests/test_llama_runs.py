@@ -101,3 +101,36 @@ def test_generate_from_a_llama_checkpoint(llama_run, capsys):
         [f"checkpoint={llama_run}", "prompt=Hi", "max_new_tokens=6", "temperature=0", "device=cpu"]
     )
     assert capsys.readouterr().out.startswith("Hi")
+
+
+def test_init_from_refuses_a_folder_that_computes_something_else(llama_run, tmp_path):
+    """Same shapes, other behaviour: a tied config onto an untied folder (its trained output
+    layer would be dropped) or another RoPE base is refused, naming the keys."""
+    from trainer.config import ConfigError, model_config
+    from trainer.hf import check_hf_folder
+
+    model, _ = load_model(llama_run)
+    folder = save_hf(model, tmp_path / "untied", eot_id=None)
+    same = model_config({**LLAMA, "vocab_size": model.cfg.vocab_size})
+    check_hf_folder(folder, same)
+    for other, named in [({"tie_embeddings": True}, "model.tie_embeddings=True"),
+                         ({"rope_theta": 500000.0}, "model.rope_theta=500000.0")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=named):
+            check_hf_folder(folder, model_config({**LLAMA, **other, "vocab_size": 257}))
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        ({"n_head": 4, "n_embd": 36}, "rotary embeddings need an even head size"),
+        ({"rope_scaling": {"factor": 8.0, "low_freq_factor": 0.0}}, "low_freq_factor"),
+        ({"arch": "gpt2", "tie_embeddings": True}, "grouped-query attention is a llama key"),
+    ],
+)
+def test_llama_keys_are_checked(tmp_path, model, match):
+    from conftest import tiny_config
+
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(tiny_config(tmp_path / "run", model={**LLAMA, **model}))

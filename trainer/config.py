@@ -370,6 +370,11 @@ def check_fields(cfg: Config) -> None:
         m.arch != "gpt2" or m.tie_embeddings,
         "model.tie_embeddings=false: GPT-2 ties its output layer to the token embedding",
     )
+    _require(
+        m.arch != "gpt2" or m.n_kv_head is None,
+        f"model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama key "
+        "(model.arch=gpt2 has n_head key/value heads)",
+    )
     _one_of("precision", cfg.precision, PRECISIONS)
     _one_of("log.wandb.mode", cfg.log.wandb.mode, WANDB_MODES)
     _one_of("device", cfg.device, DEVICES)

@@ -8,10 +8,13 @@ safetensors or `torch.load(weights_only=True)`: a file that carries code is refu
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import pickle
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -65,11 +68,28 @@ def check_same_shapes(hf_cfg: dict, cfg: ModelConfig, folder: Path) -> None:
         for ours, theirs in fmt.shape_keys.items()
         if getattr(cfg, ours) != hf_cfg[theirs]
     ]
+    theirs = fmt.model_keys(hf_cfg)
+    for key in fmt.behaviour_keys:  # same shapes, but another function (tying, RoPE, eps)
+        ours = getattr(cfg, key)
+        ours = dataclasses.asdict(ours) if dataclasses.is_dataclass(ours) else ours
+        if not _same(ours, theirs[key]):
+            differ.append(f"model.{key}={ours} vs {theirs[key]} in config.json")
     if differ:
         raise ConfigError(
             f"model.init_from={folder}: its config.json does not match the model config: "
             + ", ".join(differ)
         )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats within a relative 1e-9 (JSON round trips); mappings key by key."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.get("factor") is None and b.get("factor") is None:  # scaling off: the rest unused
+            return True
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
 
 
 def save_hf(model: nn.Module, out_dir: str | Path, eot_id: int | None = 50256) -> Path:

@@ -41,6 +41,9 @@ NOTED_KEYS = (
     "train.grad_accum",
     "precision",
     "model.dropout",
+    "model.layer_norm_eps",
+    "model.rope_theta",
+    "model.rope_scaling",
 )
 
 

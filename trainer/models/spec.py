@@ -54,6 +54,9 @@ class HFFormat:
     layer_pattern: str | None = None
     # what their config.json may say that we cannot build: a one-line reason, or None
     unsupported: Callable[[dict[str, Any]], str | None] = field(default=lambda hf_cfg: None)
+    # our keys that change what the weights compute (not their shapes): compared for
+    # model.init_from with what `model_keys` reads from their config.json
+    behaviour_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh, bucket_mb: int) -> Distribu
         model,
         process_group=dp_mesh.get_group(),
         bucket_cap_mb=bucket_mb,
-        # A tied output weight is used twice per step; that is fine for DDP.
-        # The model has no buffers, so DDP's buffer broadcast (left at its default: the
-        # argument's name differs between torch versions) sends nothing.
+        # A tied output weight is used twice per step; that is fine for DDP. GPT-2 has no
+        # buffers; Llama's rotary tables are buffers, identical on every rank, which DDP's
+        # default buffer broadcast re-sends before each forward (small; left at the default).
     )
 
 

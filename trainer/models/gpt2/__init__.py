@@ -49,6 +49,7 @@ SPEC = ModelSpec(
         shape_keys=hf.SHAPE_KEYS,
         layer_pattern=r"^(?:transformer\.)?h\.(\d+)\.",
         unsupported=hf.unsupported,
+        behaviour_keys=("layer_norm_eps",),
     ),
     check_layout=check_layout,
 )

@@ -27,6 +27,18 @@ def tp_block_plan(cfg):
 
 
 def check_layout(m, p) -> str | None:
+    """What a Llama config or layout cannot run (the one validation calls it)."""
+    if (m.n_embd // m.n_head) % 2:
+        return (
+            f"model.n_embd={m.n_embd} / model.n_head={m.n_head}: rotary embeddings need an "
+            "even head size"
+        )
+    scaling = m.rope_scaling
+    if scaling.factor is not None and not 0 < scaling.low_freq_factor < scaling.high_freq_factor:
+        return (
+            f"model.rope_scaling: expected 0 < low_freq_factor ({scaling.low_freq_factor}) < "
+            f"high_freq_factor ({scaling.high_freq_factor})"
+        )
     hidden = ffn_hidden(m)
     if hidden % p.tp:
         return (
@@ -66,6 +78,7 @@ SPEC = ModelSpec(
         shape_keys=hf.SHAPE_KEYS,
         layer_pattern=hf.LAYER_PATTERN,
         unsupported=hf.unsupported,
+        behaviour_keys=("tie_embeddings", "rope_theta", "rope_scaling", "layer_norm_eps"),
     ),
     check_layout=check_layout,
 )
