@@ -39,7 +39,6 @@ class HFFormat:
     """Conversion to and from a Hugging Face `transformers` model of this architecture."""
 
     model_type: str  # config.json's model_type, e.g. "gpt2", "llama"
-    architecture: str  # config.json's architectures[0], e.g. "LlamaForCausalLM"
     # our state dict -> theirs (all of their tensors, contiguous)
     to_hf: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
     # theirs -> ours

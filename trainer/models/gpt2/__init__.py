@@ -41,7 +41,6 @@ SPEC = ModelSpec(
     shape_keys=("model.n_layer", "model.n_head", "model.n_embd", "model.block_size"),
     hf=HFFormat(
         model_type="gpt2",
-        architecture="GPT2LMHeadModel",
         to_hf=hf.to_hf_state_dict,
         from_hf=hf.from_hf_state_dict,
         hf_config=hf.hf_config,

@@ -70,7 +70,6 @@ SPEC = ModelSpec(
     ),
     hf=HFFormat(
         model_type="llama",
-        architecture="LlamaForCausalLM",
         to_hf=hf.to_hf_state_dict,
         from_hf=hf.from_hf_state_dict,
         hf_config=hf.hf_config,
