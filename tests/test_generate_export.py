@@ -433,18 +433,27 @@ def test_generate_bad_arguments(run_dir, capsys, argv, names):
     assert captured.out == ""
 
 
-def test_generate_bpe_on_a_checkpoint_without_one(run_dir, capsys):
+# A tokenizer that lives in a file the checkpoint carries: (name, what it is, its file).
+FILE_TOKENIZERS = [
+    ("bpe", "trained BPE tokenizer", "tokenizer.tiktoken"),
+    ("hf", "Hugging Face tokenizer", "tokenizer.hf.json"),
+]
+
+
+@pytest.mark.parametrize("name, what, file", FILE_TOKENIZERS)
+def test_generate_with_a_tokenizer_the_checkpoint_lacks(run_dir, capsys, name, what, file):
     with pytest.raises(SystemExit) as exc:
-        generate_cli.main([f"checkpoint={run_dir}", "tokenizer=bpe", "device=cpu"])
+        generate_cli.main([f"checkpoint={run_dir}", f"tokenizer={name}", "device=cpu"])
     assert exc.value.code == 2
     line = one_error_line(capsys.readouterr().err, "dlt-generate")
-    assert "tokenizer=bpe: checkpoint " in line
-    assert "carries no trained BPE tokenizer (tokenizer.tiktoken); use tokenizer=bytes" in line
+    assert f"tokenizer={name}: checkpoint " in line
+    assert f"carries no {what} ({file}); use tokenizer=bytes" in line
 
 
-def test_bpe_run_whose_checkpoint_lost_its_tokenizer(tmp_path):
-    state = {"config": {"data": {"tokenizer": "bpe"}}, "checkpoint_dir": str(tmp_path)}
-    with pytest.raises(CheckpointError, match="copy the dataset's tokenizer.tiktoken into it"):
+@pytest.mark.parametrize("name, what, file", FILE_TOKENIZERS)
+def test_a_run_whose_checkpoint_lost_its_tokenizer(tmp_path, name, what, file):
+    state = {"config": {"data": {"tokenizer": name}}, "checkpoint_dir": str(tmp_path)}
+    with pytest.raises(CheckpointError, match=f"copy the dataset's {file} into it"):
         checkpoint_tokenizer(state)
     assert checkpoint_tokenizer(state, "bytes").name == "bytes"
 
@@ -586,18 +595,3 @@ def test_resume_onto_a_dataset_with_another_hf_tokenizer_is_refused(tokenizer_ru
     for run_dir, extra in [(copy, {}), (tmp_path / "new", {"resume": state["checkpoint_dir"]})]:
         with pytest.raises(ConfigError, match=r"^data.tokenizer_hash=\w+ but checkpoint "):
             train_briefly(run_dir, other, "hf", **extra)
-
-
-def test_generate_hf_on_a_checkpoint_without_one(run_dir, capsys):
-    with pytest.raises(SystemExit) as exc:
-        generate_cli.main([f"checkpoint={run_dir}", "tokenizer=hf", "device=cpu"])
-    assert exc.value.code == 2
-    line = one_error_line(capsys.readouterr().err, "dlt-generate")
-    assert "tokenizer=hf: checkpoint " in line
-    assert "carries no Hugging Face tokenizer (tokenizer.hf.json); use tokenizer=bytes" in line
-
-
-def test_hf_run_whose_checkpoint_lost_its_tokenizer(tmp_path):
-    state = {"config": {"data": {"tokenizer": "hf"}}, "checkpoint_dir": str(tmp_path)}
-    with pytest.raises(CheckpointError, match="copy the dataset's tokenizer.hf.json into it"):
-        checkpoint_tokenizer(state)
