@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import append_results
-from jobs.cli import compose_config, training_dict
+from jobs.cli import compose_config, given_keys, training_dict
 from trainer.config import resolve_config
 from trainer.run_dir import METRICS, read_jsonl
 from trainer.train import run
@@ -37,7 +37,9 @@ def measure(model: str, precision: str, steps: int, micro_batch: int, extra: lis
             "log.progress=false",
             *extra,
         ]
-        cfg = resolve_config(training_dict(compose_config("train", overrides)))
+        cfg = resolve_config(
+            training_dict(compose_config("train", overrides)), given=given_keys(overrides)
+        )
         run(cfg)
         measured = read_jsonl(Path(tmp) / METRICS)[-1]
     return {

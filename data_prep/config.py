@@ -25,7 +25,7 @@ from data_prep.errors import UserError
 INPUT_FORMATS = ("auto", "text", "jsonl", "hf")
 DOC_SEPARATORS = ("eot", "line", "blank_line")
 # The keys of the shared `data:` section that only the trainer reads.
-TRAINER_KEYS = ("kind", "path", "vocab_size", "tokenizer_hash", "dummy_branching")
+TRAINER_KEYS = ("kind", "path", "mix", "verify", "vocab_size", "tokenizer_hash", "dummy_branching")
 # Where the values come from: the base preset of the `data` config group.
 BASE_PRESET = ("cluster_configs", "data/base.yaml")
 

@@ -68,6 +68,17 @@ def compose_config(
     return cfg
 
 
+def given_keys(overrides: list[str]) -> set[str]:
+    """The keys a command line sets (`data.path=x`, `+a.b=1`, `~c` -> data.path, a.b, c): the
+    config treats what the user said differently from what a preset says (see
+    trainer.config._on_defaults)."""
+    keys = set()
+    for arg in overrides:
+        if not arg.startswith("-"):
+            keys.add(arg.partition("=")[0].lstrip("+~").partition("@")[0])
+    return keys
+
+
 def too_many_digits(overrides: list[str]) -> str:
     """The one-line error for an override whose number exceeds Python's int digit limit."""
     limit = getattr(sys, "get_int_max_str_digits", lambda: 4300)()

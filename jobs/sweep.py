@@ -31,6 +31,7 @@ from jobs.cli import (
     CONFIG_MODULE,
     compose_config,
     errors_as_one_line,
+    given_keys,
     to_schema,
     too_many_digits,
     training_dict,
@@ -68,7 +69,8 @@ def train_one(composed: DictConfig) -> str:
             ]
             task = TrainTask([*overrides, f"run.dir={run_dir}"], profile.processes_per_node, 0)
             return task()
-        train_here(resolve_config(training_dict(composed), world_size=1))
+        given = given_keys(list(hydra_cfg.overrides.task))
+        train_here(resolve_config(training_dict(composed), world_size=1, given=given))
     return "finished"
 
 
@@ -109,6 +111,6 @@ def check_every_job(argv: list[str]) -> None:
         profile = to_schema(ClusterProfile, composed, "cluster")
         world_size = int(launcher.get("nodes", 1)) * profile.processes_per_node if on_slurm else 1
         try:
-            resolve_config(training_dict(composed), world_size=world_size)
+            resolve_config(training_dict(composed), world_size=world_size, given=given_keys(job))
         except ConfigError as err:
             raise ConfigError(f"{err} (sweep job {num}: {' '.join(job)})") from None

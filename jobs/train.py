@@ -30,6 +30,7 @@ from pathlib import Path
 from jobs.cli import (
     compose_config,
     errors_as_one_line,
+    given_keys,
     print_help,
     to_schema,
     training_dict,
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                 else profile.nodes * profile.processes_per_node
             )
             try:
-                cfg = resolve_config(training_dict(composed), world_size=world_size)
+                cfg = resolve_config(
+                    training_dict(composed), world_size=world_size, given=given_keys(argv)
+                )
             except ConfigError as err:
                 if profile.is_local:
                     raise

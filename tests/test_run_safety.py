@@ -180,10 +180,14 @@ def test_explicit_resume_onto_other_data_is_allowed_and_said(tiny):
 
 
 def test_validation_split_is_checked_before_the_first_step(tiny, tmp_path):
-    ds = make_dataset(tmp_path / "noval", docs_with_total(4000, seed=1))  # val_fraction=0
+    """A validation split too short for one window fails before training, not at the first
+    evaluation (a dataset without one trains with validation off: test_data_sources.py)."""
+    short = tmp_path / "short_val.txt"
+    short.write_text("ten bytes.")
+    ds = make_dataset(tmp_path / "shortval", docs_with_total(4000, seed=1), val_input=[str(short)])
     data = {"kind": "shards", "path": str(ds), "tokenizer": None, "vocab_size": None}
-    cfg = tiny("noval", data=data, model={"vocab_size": None}, eval={"interval": 50})
-    with pytest.raises(ConfigError, match="eval.interval=50: .*eval.interval=0 trains without"):
+    cfg = tiny("shortval", data=data, model={"vocab_size": None}, eval={"interval": 50})
+    with pytest.raises(ConfigError, match="eval.interval=50: .*val split has 11 tokens, fewer"):
         run(cfg)
     assert not (Path(cfg["run"]["dir"]) / CHECKPOINTS).exists()
 

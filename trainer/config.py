@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -105,12 +106,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """One dataset of a weighted mixture (`data.mix`). The only config class with defaults:
+    list items have no YAML template to take them from."""
+
+    path: str  # a prepared shard dataset
+    weight: float  # its share of the samples, relative to the others' weights
+    name: str | None = None  # in metrics (tokens_per_source); default: the path
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The trainer's keys of the `data` section (dlt-prep reads the others: CorpusConfig)."""
 
     name: str
     kind: str  # dummy: synthetic tokens | shards: a prepared dataset at `path`
     path: str | None  # the shard dataset the trainer reads
+    mix: list[MixSource]  # several shard datasets with weights; replaces `path` when set
+    verify: bool  # check every shard's sha256 before its tokens are used (in the background)
     tokenizer: str | None  # gpt2 | bpe | bytes | hf; null: whatever the dataset used
     vocab_size: int | None  # ids in the data are below this; null: from the dataset
     tokenizer_hash: str | None  # filled from the dataset's manifest
@@ -273,38 +286,63 @@ def describe_omegaconf_error(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def _on_defaults(source: Any) -> DictConfig:
+def _on_defaults(source: Any, given: Collection[str] | None = None) -> DictConfig:
     """`source` merged onto the defaults (no schema yet), without the keys of the `data`
     section that only dlt-prep reads. That section is resolved first, so that `path:
-    ${.out}` follows a `data.out` of `source` as it does on the command line."""
+    ${.out}` follows a `data.out` of `source` as it does on the command line.
+
+    `given`: the keys the user set (default: every key of `source`). A dataset the user names
+    (`data.path` or `data.mix`) speaks for itself: unless `data.tokenizer` is given too, the
+    preset's tokenizer (a statement about the preset's own dataset) gives way to the
+    manifest's."""
     if isinstance(source, Config):
         source = to_dict(source)
+    given = set(given) if given is not None else dotted_keys(source or {})
     tree = default_tree()
     OmegaConf.set_struct(tree, False)  # unknown keys are the schema's to report, by name
     node = OmegaConf.merge(tree, source or {})
     values = OmegaConf.to_container(node.data, resolve=True)
     node.data = {k: v for k, v in values.items() if k not in PREP_ONLY_KEYS}
+    if given & {"data.path", "data.mix"} and "data.tokenizer" not in given:
+        node.data.tokenizer = None
     return node
+
+
+def dotted_keys(source: Any, prefix: str = "") -> set[str]:
+    """Every key of a nested mapping, dotted (`{"data": {"path": p}}` -> data, data.path)."""
+    if isinstance(source, DictConfig):
+        source = OmegaConf.to_container(source, resolve=False)
+    keys: set[str] = set()
+    if isinstance(source, dict):
+        for key, value in source.items():
+            keys.add(prefix + str(key))
+            keys |= dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 # --------------------------------------------------------------------------- the validation
 
 
-def resolve_config(source: Any = None, world_size: int = 1) -> Config:
+def resolve_config(
+    source: Any = None, world_size: int = 1, given: Collection[str] | None = None
+) -> Config:
     """The one validation of a run's config: `source` (a mapping, DictConfig or Config) on the
     defaults, derived, checked, with the dataset's vocabulary filled in and the inputs
-    (starting weights, validation split) checked. Reads files, writes nothing."""
-    cfg = load_config(source, world_size)
+    (starting weights, validation split) checked. Reads files, writes nothing. `given`: the
+    keys the user set, when `source` holds more (a composed command line); see _on_defaults."""
+    cfg = load_config(source, world_size, given)
     cfg = with_dataset(cfg)
     check_inputs(cfg)
     return cfg
 
 
-def load_config(source: Any = None, world_size: int = 1) -> Config:
+def load_config(
+    source: Any = None, world_size: int = 1, given: Collection[str] | None = None
+) -> Config:
     """:func:`resolve_config` without looking at any file: the defaults, `source`, the
     derived sizes and every rule that needs only the config itself."""
     try:
-        merged = _merged(Config, _on_defaults(source))
+        merged = _merged(Config, _on_defaults(source, given))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(describe_omegaconf_error(err)) from None
@@ -342,8 +380,10 @@ def check_fields(cfg: Config) -> None:
     _one_of("data.kind", cfg.data.kind, DATA_KINDS)
     if cfg.data.kind == "dummy":
         _positive(cfg, "data.vocab_size")
+        _require(not cfg.data.mix, "data.mix: a mixture is of shard datasets (data.kind=shards)")
     else:
         _require(bool(cfg.data.path), "data.path: data.kind=shards needs the dataset folder")
+    check_mix(cfg.data.mix)
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
     _positive(cfg, "train.micro_batch_size", "train.grad_accum")
     _positive(cfg, "train.max_steps", "train.lr", "checkpoint.keep", "log.interval")
@@ -397,6 +437,23 @@ def check_fields(cfg: Config) -> None:
     )
     _require(bool(cfg.run.dir), "run.dir: must name a directory")
     _require(bool(cfg.resume), "resume: expected auto, none or a checkpoint path")
+
+
+def check_mix(mix: list[MixSource]) -> None:
+    """Each source of `data.mix`: a path, a positive finite weight, a name of its own."""
+    names = [source.name or source.path for source in mix]
+    for i, source in enumerate(mix):
+        where = f"data.mix[{i}]"
+        _require(bool(source.path), f"{where}.path: must name a prepared dataset folder")
+        _require(
+            math.isfinite(source.weight) and source.weight > 0,
+            f"{where}.weight={source.weight}: must be a positive number",
+        )
+        _require(
+            names[i] not in names[:i],
+            f"{where}: {names[i]!r} also names data.mix[{names.index(names[i])}] (two sources "
+            "of one name: give each a distinct name)",
+        )
 
 
 def auto_sizes(p: ParallelConfig, world_size: int) -> ParallelConfig:
@@ -505,14 +562,26 @@ def check_layout(cfg: Config) -> None:
 
 def with_dataset(cfg: Config) -> Config:
     """For a shard dataset: check the config against its manifest and fill in what the config
-    left null (data.tokenizer, data.vocab_size, data.tokenizer_hash, model.vocab_size)."""
+    left null (data.tokenizer, data.vocab_size, data.tokenizer_hash, model.vocab_size). The
+    datasets of a mixture must share one tokenizer."""
     if cfg.data.kind != "shards":
         return cfg
-    tok = read_manifest(cfg.data.path)["tokenizer"]
-    where = f"dataset {cfg.data.path}"
+    folders = [s.path for s in cfg.data.mix] or [cfg.data.path]
+    tok = read_manifest(folders[0])["tokenizer"]
+    for other in folders[1:]:
+        their = read_manifest(other)["tokenizer"]
+        if their["hash"] != tok["hash"]:
+            raise ConfigError(
+                f"data.mix: {other} was tokenized with {their['name']} ({their['vocab_size']} "
+                f"ids, hash {their['hash'][:12]}) but {folders[0]} with {tok['name']} "
+                f"({tok['vocab_size']} ids, hash {tok['hash'][:12]}): the datasets of a mixture "
+                "need one tokenizer (prepare them with the same tokenizer= settings)"
+            )
+    where = f"dataset {folders[0]}"
     if cfg.data.tokenizer not in (None, tok["name"]):
         raise ConfigError(
-            f"data.tokenizer={cfg.data.tokenizer} but {where} was tokenized with {tok['name']}"
+            f"data.tokenizer={cfg.data.tokenizer} but {where} was tokenized with {tok['name']} "
+            "(leave data.tokenizer out: a dataset's manifest names its tokenizer)"
         )
     if cfg.data.vocab_size not in (None, tok["vocab_size"]):
         raise ConfigError(
@@ -534,12 +603,12 @@ def check_inputs(cfg: Config) -> None:
     """What would otherwise fail only once the run has started (the starting weights) or at
     its first evaluation, after the work is done (the validation split)."""
     # Imported here: both modules build on this one.
-    from trainer.data import build_source
+    from trainer.data import build_source, has_split
     from trainer.hf import check_hf_folder
 
     if cfg.model.init_from:
         check_hf_folder(cfg.model.init_from, cfg.model)
-    if cfg.eval.interval > 0:
+    if cfg.eval.interval > 0 and has_split(cfg, "val"):  # none: the run says validation is off
         try:
             build_source(cfg, "val")
         except (DatasetError, ConfigError) as err:

@@ -19,6 +19,7 @@ import torch
 
 from data_prep.shards import DatasetError, open_shards, read_manifest
 from trainer.config import Config
+from trainer.shard_verify import ShardVerifier
 
 
 class SampleSource(Protocol):
@@ -26,6 +27,10 @@ class SampleSource(Protocol):
 
     def sample(self, index: int) -> torch.Tensor:
         """Tokens `(seq_len + 1,)` (int64) of global sample `index`."""
+        ...
+
+    def close(self) -> None:
+        """Stop any background work (e.g. shard verification)."""
         ...
 
 
@@ -59,6 +64,9 @@ class DummyTokens:
             tokens.append(token)
         return torch.tensor(tokens, dtype=torch.long)
 
+    def close(self) -> None:
+        pass
+
 
 class ShardTokens:
     """Windows of a prepared dataset's split, in a seeded order that reshuffles every epoch.
@@ -68,15 +76,22 @@ class ShardTokens:
     last target of one is the first input of the next), no window runs past the end, and
     documents may span windows as in GPT-2's pre-training. Sample `i` is window
     `order(epoch)[i % num_windows]` with `epoch = i // num_windows`: within an epoch no window
-    repeats.
+    repeats. With `verify`, no token of a shard is returned before the shard's sha256 matched
+    the manifest (:class:`~trainer.shard_verify.ShardVerifier`, hashing in the background).
     """
 
-    def __init__(self, folder: str | Path, split: str, seq_len: int, seed: int):
+    def __init__(
+        self, folder: str | Path, split: str, seq_len: int, seed: int, verify: bool = False
+    ):
         self.seq_len = seq_len
         self.seed = seed
         self.shards = open_shards(folder, split)
         manifest = read_manifest(folder)
-        self.files = [Path(folder) / e["file"] for e in manifest["splits"][split]["shards"]]
+        entries = manifest["splits"][split]["shards"]
+        self.files = [Path(folder) / e["file"] for e in entries]
+        self.verifier = (
+            ShardVerifier(self.files, [e["sha256"] for e in entries]) if verify else None
+        )
         self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
         sizes = np.array([s.size for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # stream offset of each shard
@@ -101,6 +116,8 @@ class ShardTokens:
         pieces = []
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
+            if self.verifier is not None:
+                self.verifier.require(shard)
             offset = start - int(self.starts[shard])
             piece = self.shards[shard][offset : offset + length]
             self.check_ids(piece, shard, offset)
@@ -127,18 +144,37 @@ class ShardTokens:
         tokens = self.read(window * self.seq_len, self.seq_len + 1)
         return torch.from_numpy(tokens.astype(np.int64))
 
+    def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
 
-def build_source(cfg: Config, split: str) -> SampleSource:
-    """The sample source named by `cfg.data`."""
+
+def has_split(cfg: Config, split: str) -> bool:
+    """Whether the run's data has `split` (dummy data has every split; a mixture has it when
+    one of its datasets has)."""
     if cfg.data.kind == "dummy":
-        return DummyTokens(
-            cfg.data.vocab_size,
-            cfg.model.block_size,
-            cfg.data.dummy_branching,
-            cfg.train.seed,
-            split,
-        )
-    return ShardTokens(cfg.data.path, split, cfg.model.block_size, cfg.train.seed)
+        return True
+    folders = [source.path for source in cfg.data.mix] or [cfg.data.path]
+    return any(split in read_manifest(folder)["splits"] for folder in folders)
+
+
+def build_source(cfg: Config, split: str, verify: bool = False) -> SampleSource:
+    """The sample source named by `cfg.data` (`verify`: every shard checked against its
+    sha256 before it is read, unless `data.verify=false`)."""
+    d, seq_len, seed = cfg.data, cfg.model.block_size, cfg.train.seed
+    if d.kind == "dummy":
+        return DummyTokens(d.vocab_size, seq_len, d.dummy_branching, seed, split)
+    verify = verify and d.verify
+    if not d.mix:
+        return ShardTokens(d.path, split, seq_len, seed, verify)
+    from trainer.mixture import MixtureSource  # it builds on this module
+
+    # Validation mixes the datasets that have a validation split, with the same weights.
+    splits = {s.path: read_manifest(s.path)["splits"] for s in d.mix}
+    mix = [(k, s) for k, s in enumerate(d.mix) if split == "train" or split in splits[s.path]]
+    # Each dataset its own seed: two copies of one dataset do not walk in lockstep.
+    sources = [ShardTokens(s.path, split, seq_len, seed + k, verify) for k, s in mix]
+    return MixtureSource(sources, [s.weight for _, s in mix], [s.name or s.path for _, s in mix])
 
 
 class BatchLoader:

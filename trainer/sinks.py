@@ -25,6 +25,18 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested values as `key/sub` scalars (e.g. tokens_per_source/web), as TensorBoard groups
+    them."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 class TensorBoardSink:
     def __init__(self, run_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -36,7 +48,7 @@ class TensorBoardSink:
         )
 
     def log(self, record: dict[str, Any], step: int) -> None:
-        for key, value in record.items():
+        for key, value in flat(record).items():
             if key != "step" and isinstance(value, NUMERIC) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,12 @@ from trainer import distributed, resume
 from trainer import run_dir as run_files
 from trainer.checkpoint import Checkpointer, read_trainer_state
 from trainer.config import Config, resolve_config, to_dict
-from trainer.data import BatchLoader, build_source
+from trainer.data import BatchLoader, SampleSource, build_source, has_split
 from trainer.errors import TrainingError
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import StepMeter, perplexity
+from trainer.mixture import MixtureSource
 from trainer.models import build_model as new_model
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, parallelize
@@ -129,6 +131,9 @@ def train(
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
     meter = StepMeter(cfg, parts.n_params, device, world.size, state)
     log.print(banner(cfg, world, device, parts.n_params, meter, start, load_s))
+    if cfg.eval.interval > 0 and parts.val_source is None:
+        log.print(f"validation off: {no_validation_split(cfg)}")
+    verified = VerifyReport(parts.loader.source)
 
     module.train()
     try:
@@ -149,12 +154,16 @@ def train(
                 if not math.isfinite(record["loss"]):
                     checkpointer.finish()  # a checkpoint in flight was checked when it began
                     guard.check(state.step, checkpointer.last)
-                if eval_due:
-                    record["val_loss"] = evaluate(parts.pm, cfg, device)
+                if eval_due and parts.val_source is not None:
+                    record["val_loss"] = evaluate(parts.pm, cfg, device, parts.val_source)
                     record["val_ppl"] = perplexity(record["val_loss"])
+                if isinstance(parts.loader.source, MixtureSource):
+                    consumed = parts.loader.samples_consumed
+                    record["tokens_per_source"] = parts.loader.source.tokens_per_source(consumed)
                 result.losses[state.step] = record["loss"]
                 log.log(record)
                 meter.new_window()
+                verified.report(log.print)
 
             stopping = stop(state.step)
             if checkpointer.due(state.step, last, stopping):
@@ -169,7 +178,7 @@ def train(
                 break
         checkpointer.finish()
     finally:
-        parts.loader.close()
+        parts.close()
         log.close()
     result.step, result.last_checkpoint = state.step, checkpointer.last
     return result
@@ -186,7 +195,15 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     loader: BatchLoader
+    val_source: SampleSource | None  # None: the data has no validation split
     n_params: int  # of the whole model
+
+    def close(self) -> None:
+        """Stop the loader's prefetching and the sources' shard verification."""
+        self.loader.close()
+        for source in (self.loader.source, self.val_source):
+            if source is not None:
+                source.close()
 
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -205,7 +222,7 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
         pm.module, cfg.train, device, foreach=False if cfg.parallel.tp > 1 else None
     )
     loader = BatchLoader(
-        build_source(cfg, "train"),
+        build_source(cfg, "train", verify=True),
         cfg.train.micro_batch_size,
         layout.dp_rank,
         cfg.parallel.dp_size,
@@ -213,7 +230,10 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
         pin_memory=device.type == "cuda",
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return TrainingParts(pm, optimizer, scaler, loader, full_model.num_params())
+    val_source = None
+    if cfg.eval.interval > 0 and has_split(cfg, "val"):
+        val_source = build_source(cfg, "val", verify=True)
+    return TrainingParts(pm, optimizer, scaler, loader, val_source, full_model.num_params())
 
 
 def build_checkpointer(
@@ -242,11 +262,45 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
 
 
 def tokenizer_files(cfg: Config) -> list[Path]:
-    """A trained tokenizer travels inside every checkpoint, so generation needs nothing else."""
+    """A trained tokenizer travels inside every checkpoint, so generation needs nothing else
+    (a mixture's datasets share one tokenizer: the first one's file)."""
     if cfg.data.kind != "shards":
         return []
-    name = read_manifest(cfg.data.path)["tokenizer"]["file"]
-    return [Path(cfg.data.path) / name] if name else []
+    folder = cfg.data.mix[0].path if cfg.data.mix else cfg.data.path
+    name = read_manifest(folder)["tokenizer"]["file"]
+    return [Path(folder) / name] if name else []
+
+
+def no_validation_split(cfg: Config) -> str:
+    """Why a run with eval.interval > 0 does not validate."""
+    if cfg.data.mix:
+        what = "none of the datasets of data.mix has a validation split"
+    else:
+        what = f"dataset {cfg.data.path} has no validation split"
+    return f"{what} (dlt-prep makes one with data.val_fraction or data.val_input)"
+
+
+class VerifyReport:
+    """One line once every shard of `source` matched its sha256 (a run's evidence that its
+    data is what dlt-prep wrote), with the rate it was hashed at."""
+
+    def __init__(self, source: SampleSource):
+        parts = source.sources if isinstance(source, MixtureSource) else [source]
+        self.verifiers = [s.verifier for s in parts if getattr(s, "verifier", None)]
+        self.started = time.perf_counter()
+        self.pending = bool(self.verifiers)
+
+    def report(self, print_line: Callable[[str], None]) -> None:
+        if not self.pending or not all(v.all_verified for v in self.verifiers):
+            return
+        self.pending = False
+        seconds = time.perf_counter() - self.started
+        shards = sum(len(v.files) for v in self.verifiers)
+        mb = sum(v.bytes_hashed for v in self.verifiers) / 1e6
+        print_line(
+            f"data verified: {shards} training shards ({mb:,.1f} MB) match their sha256 "
+            f"(hashed in the background, done {seconds:.1f} s after the start)"
+        )
 
 
 # ----------------------------------------------------------------------------- the step
@@ -287,10 +341,10 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(pm: ParallelModel, cfg: Config, device: torch.device) -> float:
+def evaluate(pm: ParallelModel, cfg: Config, device: torch.device, source: SampleSource) -> float:
     """Mean loss over the first `eval.steps` validation batches (the same ones every time)."""
     loader = BatchLoader(
-        build_source(cfg, "val"),
+        source,
         cfg.train.micro_batch_size,
         pm.layout.dp_rank,
         cfg.parallel.dp_size,
