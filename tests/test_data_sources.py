@@ -284,7 +284,10 @@ def test_a_mixture_needs_one_tokenizer(tiny, bytes_dataset, tmp_path):
     ("mix", "message"),
     [
         ([{"path": "A", "weight": 0}], r"data.mix\[0\].weight=0.0: must be a positive number"),
-        ([{"path": "A", "weight": 1}, {"path": "A", "weight": 2}], r"data.mix\[1\]: 'A' also names data.mix\[0\]"),
+        (
+            [{"path": "A", "weight": 1}, {"path": "A", "weight": 2}],
+            r"data.mix\[1\]: 'A' also names data.mix\[0\]",
+        ),
         ([{"path": "A"}], r"data.mix.*weight"),
     ],
 )
