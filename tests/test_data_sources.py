@@ -295,3 +295,23 @@ def test_bad_mixtures_are_one_line_errors(tiny, mix, message):
     cfg = tiny(data=shard_data(Path("A"), mix=mix), model={"vocab_size": None})
     with pytest.raises(ConfigError, match=message):
         resolve_config(cfg)
+
+
+@pytest.mark.multiproc
+def test_a_mixture_run_stopped_on_one_rank_resumes_on_two(tiny, bytes_dataset, other_dataset):
+    """Stopped after step 3 as one process, resumed as DDP on 2 ranks (micro-batch halved,
+    same global batch): tokens per source continue exactly, losses as uninterrupted."""
+    from multiproc import spawn, train_worker
+
+    whole_cfg = mix_config(tiny, "whole", bytes_dataset, other_dataset, train={"max_steps": 6})
+    run(whole_cfg)
+    whole = {r["step"]: r for r in read_jsonl(Path(whole_cfg["run"]["dir"]) / METRICS)}
+    cfg = mix_config(tiny, "hop", bytes_dataset, other_dataset, train={"max_steps": 6})
+    run(cfg, stop_requested=lambda step: step == 3)
+    two = {**cfg, "train": {**cfg["train"], "micro_batch_size": 1}, "parallel": {"dp_replicate": 2}}
+    spawn(2, train_worker, two)
+    hopped = {r["step"]: r for r in read_jsonl(Path(cfg["run"]["dir"]) / METRICS)}
+    assert sorted(hopped) == sorted(whole) == [1, 2, 3, 4, 5, 6]
+    for step, record in hopped.items():
+        assert record["tokens_per_source"] == whole[step]["tokens_per_source"]
+        assert record["loss"] == pytest.approx(whole[step]["loss"], abs=1e-5)
