@@ -1,4 +1,4 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint] [size=smoke|full] [write=false|true]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader] [size=smoke|full] [write=false|true]`
 
 One entry point for every benchmark; each prints its table.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from benchmarks import checkpointing, layouts, prep_throughput, train_throughput
+from benchmarks import checkpointing, layouts, loader, prep_throughput, train_throughput
 
 SIZES = {
     "full": {
@@ -37,6 +37,7 @@ SIZES = {
         "layouts": ["--model", "tiny", "--nproc", "2", "--steps", "10"],
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
+        "loader": ["--mb", "1000"],
     },
     "smoke": {
         "train": [
@@ -63,6 +64,7 @@ SIZES = {
             "--checksum-repeats",
             "1",
         ],
+        "loader": ["--mb", "20", "--shard-mb", "2", "--seconds", "0.3"],
     },
 }
 SUITES = {
@@ -70,6 +72,7 @@ SUITES = {
     "layouts": layouts.main,
     "prep": prep_throughput.main,
     "checkpoint": checkpointing.main,
+    "loader": loader.main,
 }
 
 

@@ -25,10 +25,11 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for header in (
-        "=== [1/4] train (size=smoke)",
-        "=== [2/4] layouts (size=smoke)",
-        "=== [3/4] prep (size=smoke)",
-        "=== [4/4] checkpoint (size=smoke)",
+        "=== [1/5] train (size=smoke)",
+        "=== [2/5] layouts (size=smoke)",
+        "=== [3/5] prep (size=smoke)",
+        "=== [4/5] checkpoint (size=smoke)",
+        "=== [5/5] loader (size=smoke)",
     ):
         assert header in done.stdout
     for row in (
@@ -37,9 +38,10 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
         "| 2 | PP x2 (1F1B) |",
         "dlt-prep: chunked pool",
         "training stall per checkpoint, async",
+        "| random windows/s, 3:1 mixture of two |",
     ):
         assert row in done.stdout
-    assert done.stdout.count(suite.SMOKE_CAVEAT) == 4  # after every table
+    assert done.stdout.count(suite.SMOKE_CAVEAT) == 5  # after every table
     after = RESULTS.read_bytes() if RESULTS.exists() else None
     assert before == after  # smoke timings never land in results.md
 
@@ -55,10 +57,10 @@ def calls(monkeypatch) -> dict[str, list[str]]:
 
 def test_the_default_is_smoke_size_and_no_writing(calls, capsys):
     suite.main([])
-    assert list(calls) == ["train", "layouts", "prep", "checkpoint"]
+    assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader"]
     for name, args in calls.items():
         assert args == ["--no-write", *suite.SIZES["smoke"][name]]
-    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 4
+    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 5
 
 
 def test_full_size_writes_only_when_asked(calls, capsys):
