@@ -315,3 +315,15 @@ def test_a_mixture_run_stopped_on_one_rank_resumes_on_two(tiny, bytes_dataset, o
     for step, record in hopped.items():
         assert record["tokens_per_source"] == whole[step]["tokens_per_source"]
         assert record["loss"] == pytest.approx(whole[step]["loss"], abs=1e-5)
+
+
+def test_another_mixture_is_other_data_for_a_resume(tiny, bytes_dataset, other_dataset):
+    cfg = mix_config(tiny, "mixed", bytes_dataset, other_dataset, train={"max_steps": 2})
+    run(cfg)
+    reweighted = {**cfg, "train": {**cfg["train"], "max_steps": 4}}
+    reweighted["data"] = {**cfg["data"], "mix": [dict(s, weight=1) for s in cfg["data"]["mix"]]}
+    with pytest.raises(ConfigError, match=r"data.mix=.* but run.dir=.* was trained on"):
+        run(reweighted)
+    same = {**cfg, "train": {**cfg["train"], "max_steps": 3}}
+    same["data"] = {**cfg["data"], "path": "elsewhere"}  # not read: the mixture's paths are
+    assert run(same).step == 3

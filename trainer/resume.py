@@ -27,7 +27,10 @@ from trainer.run_dir import CONFIG
 # A checkpoint's weights fit only a model of the same architecture and shape (its spec's
 # shape_keys), and its token ids only the same tokenizer.
 TOKEN_KEYS = ("model.vocab_size", "data.tokenizer", "data.tokenizer_hash")
-DATA_KEYS = {"shards": ("data.kind", "data.path"), "dummy": ("data.kind", "data.dummy_branching")}
+DATA_KEYS = {
+    "shards": ("data.kind", "data.path", "data.mix"),
+    "dummy": ("data.kind", "data.dummy_branching"),
+}
 # Shown when they change; the run goes on with the new value.
 NOTED_KEYS = (
     "train.max_steps",
@@ -202,6 +205,19 @@ def _same_path(a: Any, b: Any) -> bool:
     return os.path.abspath(str(a)) == os.path.abspath(str(b))
 
 
+def _same_mix(a: Any, b: Any) -> bool:
+    """Two `data.mix` lists name the same datasets (as absolute paths) with the same weights
+    (a checkpoint from before mixtures has none)."""
+
+    def key(mix: Any) -> list[tuple[str, float]]:
+        return [(os.path.abspath(str(s["path"])), float(s["weight"])) for s in mix or []]
+
+    return key(a) == key(b)
+
+
+SAME_DATA = {"data.path": _same_path, "data.mix": _same_mix}
+
+
 def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> list[str]:
     """Refuse what cannot continue from checkpoint `path`; return one line per other change."""
     now, then = to_dict(cfg), dict(saved.get("config") or {})
@@ -217,7 +233,8 @@ def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> l
     changed_data = [
         key
         for key in DATA_KEYS.get(cfg.data.kind, ("data.kind",))
-        if not (_same_path if key == "data.path" else operator.eq)(_get(now, key), _get(then, key))
+        if not (key == "data.path" and cfg.data.mix)  # a mixture's paths are its sources'
+        and not SAME_DATA.get(key, operator.eq)(_get(now, key), _get(then, key))
     ]
     if changed_data and not explicit:
         first = changed_data[0]
