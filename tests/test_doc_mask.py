@@ -321,6 +321,18 @@ def test_training_with_doc_mask_on_a_prepared_dataset(tmp_path, short_docs, arch
     assert "eot_id: 256" in saved and "doc_mask: true" in saved
 
 
+@pytest.mark.slow
+def test_compiled_blocks_with_doc_mask_train_like_eager(tmp_path, short_docs):
+    """The documents reach compiled blocks as an argument (Llama: mask and reset positions
+    through the rotary tables); ~15 s of compiling on this CPU."""
+    model = {k: v for k, v in ARCHS["llama"].items() if k not in ("vocab_size", "eot_id")}
+    model |= {"doc_mask": True, "doc_positions": "reset"}
+    eager = run(on_dataset(tmp_path / "eager", short_docs, model, train={"max_steps": 3}))
+    compiled = on_dataset(tmp_path / "compiled", short_docs, model, train={"max_steps": 3})
+    compiled["train"]["compile"] = True
+    assert run(compiled).losses == pytest.approx(eager.losses, abs=1e-4)
+
+
 MP_MODEL = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 32}
 
 
