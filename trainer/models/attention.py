@@ -193,9 +193,9 @@ def attend_documents(
     B, T = q.shape[:2]
     if docs.cu_seqlens is not None:  # flash varlen: (B*T, heads, D), one sequence per document
         cu, n = docs.cu_seqlens, docs.max_seqlen
-        flat = (t.reshape(B * T, t.size(2), t.size(3)) for t in (q, k, v))
-        y = flash_attn_varlen_func(*flat, cu, cu, n, n, dropout_p=dropout_p, causal=True)
-        return y.reshape(B, T, -1)
+        q, k, v = (t.reshape(B * T, t.size(2), t.size(3)) for t in (q, k, v))
+        y = flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p, causal=True)
+        return y.reshape(B, T, -1)  # GQA built in
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     gqa = k.size(1) != q.size(1)
     if docs.block_mask is not None:
