@@ -32,8 +32,9 @@ ARCHS = {
     "gpt2": dict(SMALL),
     "llama": dict(SMALL, arch="llama", n_kv_head=2, tie_embeddings=False, multiple_of=16),
 }
-# fp32 on CPU: a packed document and the same document alone differ only in the order of
-# float sums over masked-out keys (measured <= ~5e-7 on these logits).
+# fp32 on CPU: a packed document and the same document alone differ only by rounding
+# (measured: at most 1.2e-7 on these logits; without the mask the later documents move by
+# 0.13 (llama) to 0.33 (gpt2)).
 TOL = 1e-6
 
 

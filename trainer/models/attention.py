@@ -96,13 +96,17 @@ def document_ids(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
     return is_eot.cumsum(1) - is_eot
 
 
-def document_positions(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
-    """(B, T) position of each token inside its document: 0 at the window's start and after
-    every EOT, counting up from there."""
-    T = idx.size(1)
-    arange = torch.arange(T, device=idx.device).expand_as(idx)
+def document_starts(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) bool: True where a document starts, at the window's start and after every EOT."""
     starts = torch.ones_like(idx, dtype=torch.bool)
     starts[:, 1:] = idx[:, :-1] == eot_id
+    return starts
+
+
+def document_positions(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) position of each token inside its document, counting from 0 at its start."""
+    arange = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+    starts = document_starts(idx, eot_id)
     first = torch.where(starts, arange, 0).cummax(1).values  # where the document began
     return arange - first
 
@@ -124,9 +128,7 @@ def varlen_documents(idx: torch.Tensor, eot_id: int, positions: torch.Tensor | N
     """flash-attn's varlen form: the (B, T) windows flattened into one row of B*T tokens, cut
     into sequences at every window start and after every EOT (a document that crosses a
     window boundary is two sequences, one per window)."""
-    starts = torch.ones_like(idx, dtype=torch.bool)
-    starts[:, 1:] = idx[:, :-1] == eot_id
-    first = starts.flatten().nonzero().flatten()
+    first = document_starts(idx, eot_id).flatten().nonzero().flatten()
     end = torch.tensor([idx.numel()], device=idx.device)
     cu_seqlens = torch.cat([first, end]).to(torch.int32)
     max_seqlen = int(cu_seqlens.diff().max())  # one host sync per forward, not per layer
