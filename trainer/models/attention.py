@@ -143,7 +143,8 @@ def flex_block_mask(doc: torch.Tensor) -> Any:
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
     B, T = doc.shape
-    return create_block_mask(same_document, B, None, T, T, device=doc.device)
+    # Compiled on CUDA, the block mask is built without materialising a (B, T, T) mask.
+    return create_block_mask(same_document, B, None, T, T, device=doc.device, _compile=doc.is_cuda)
 
 
 @functools.cache
