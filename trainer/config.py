@@ -42,6 +42,7 @@ MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("dummy", "shards")
+DOC_POSITIONS = ("continue", "reset")
 ARCHS = ("gpt2", "llama")  # the registry of trainer/models/ (a test keeps the two equal)
 
 
@@ -80,6 +81,9 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig
     ffn_dim_multiplier: float | None  # llama: SwiGLU hidden size = multiplier * 8/3 * n_embd
     multiple_of: int  # llama: ... rounded up to a multiple of this
+    doc_mask: bool  # attention stays inside each document of a packed window
+    doc_positions: str  # continue | reset: positions restart at 0 after each EOT
+    eot_id: int | None  # the end-of-text id doc_mask splits at; null: the dataset's
 
     @property
     def kv_heads(self) -> int:
@@ -406,6 +410,8 @@ def check_fields(cfg: Config) -> None:
         _positive(cfg, "model.ffn_dim_multiplier")
     if m.rope_scaling.factor is not None:
         _positive(cfg, "model.rope_scaling.factor")
+    _one_of("model.doc_positions", m.doc_positions, DOC_POSITIONS)
+    _require(m.eot_id is None or m.eot_id >= 0, f"model.eot_id={m.eot_id}: must be a token id >= 0")
     _require(
         m.arch != "gpt2" or m.tie_embeddings,
         "model.tie_embeddings=false: GPT-2 ties its output layer to the token embedding",
@@ -508,11 +514,33 @@ def check_combinations(cfg: Config, world_size: int) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size="
             f"{cfg.data.vocab_size} (tokenizer {cfg.data.tokenizer})",
         )
+    check_documents(cfg)
     _require(
         p.world_size == world_size,
         f"parallel: dp_replicate*dp_shard*tp*pp = {p.world_size} must equal the world size "
         f"{world_size}",
     )
+
+
+def check_documents(cfg: Config) -> None:
+    """Document masking needs an end-of-text id inside the vocabulary; position reset needs
+    the mask (a shard dataset's id is checked once it is read: :func:`with_dataset`)."""
+    m = cfg.model
+    _require(
+        m.doc_positions == "continue" or m.doc_mask,
+        f"model.doc_positions={m.doc_positions}: needs model.doc_mask=true",
+    )
+    if m.doc_mask and cfg.data.kind == "dummy":
+        _require(
+            m.eot_id is not None,
+            "model.doc_mask=true needs an end-of-text id: data.kind=dummy has none, set "
+            "model.eot_id (a dataset's manifest provides it)",
+        )
+    if m.eot_id is not None and m.vocab_size is not None:
+        _require(
+            m.eot_id < m.vocab_size,
+            f"model.eot_id={m.eot_id}: must be below model.vocab_size={m.vocab_size}",
+        )
 
 
 def check_layout(cfg: Config) -> None:
@@ -558,12 +586,17 @@ def check_layout(cfg: Config) -> None:
         not (cfg.train.compile and p.pp > 1),
         "train.compile=true is not supported with pipeline parallel (pp>1)",
     )
+    _require(
+        not (m.doc_mask and p.pp > 1),
+        f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "
+        "later stages receive hidden states, not the token ids the mask is built from",
+    )
 
 
 def with_dataset(cfg: Config) -> Config:
     """For a shard dataset: check the config against its manifest and fill in what the config
-    left null (data.tokenizer, data.vocab_size, data.tokenizer_hash, model.vocab_size). The
-    datasets of a mixture must share one tokenizer."""
+    left null (data.tokenizer, data.vocab_size, data.tokenizer_hash, model.vocab_size,
+    model.eot_id). The datasets of a mixture must share one tokenizer."""
     if cfg.data.kind != "shards":
         return cfg
     folders = [s.path for s in cfg.data.mix] or [cfg.data.path]
@@ -593,10 +626,23 @@ def with_dataset(cfg: Config) -> Config:
             f"model.vocab_size={m.vocab_size} is smaller than the vocabulary of {where} "
             f"({tok['name']}, {tok['vocab_size']} ids)"
         )
+    eot_id = dataset_eot_id(m, tok.get("eot_id"), where)
     data = replace(
         cfg.data, tokenizer=tok["name"], vocab_size=tok["vocab_size"], tokenizer_hash=tok["hash"]
     )
-    return replace(cfg, data=data, model=replace(m, vocab_size=m.vocab_size or tok["vocab_size"]))
+    model = replace(m, vocab_size=m.vocab_size or tok["vocab_size"], eot_id=eot_id)
+    return replace(cfg, data=data, model=model)
+
+
+def dataset_eot_id(m: ModelConfig, eot_id: int | None, where: str) -> int | None:
+    """model.eot_id checked against (or taken from) the dataset's end-of-text id."""
+    if eot_id is None:  # a manifest without one: only an explicit model.eot_id
+        eot_id = m.eot_id
+    elif m.eot_id not in (None, eot_id):
+        raise ConfigError(f"model.eot_id={m.eot_id} but {where} ends its documents with {eot_id}")
+    if m.doc_mask and eot_id is None:
+        raise ConfigError(f"model.doc_mask=true: {where} records no end-of-text id")
+    return eot_id
 
 
 def check_inputs(cfg: Config) -> None:

@@ -10,7 +10,8 @@ A model class of the registry:
 
 - is built as `Model(cfg: ModelConfig)` with its weights initialised (`reset_parameters()`);
 - keeps its repeated blocks in an `nn.ModuleDict` keyed "0", "1", ... (`spec.layers`), each
-  block called as `block(x, cache)`, so pipeline stages can drop blocks and keep the names;
+  block called as `block(x, cache, docs)` (`docs`: the documents of packed windows for
+  model.doc_mask, or None), so pipeline stages can drop blocks and keep the names;
 - `forward(idx, targets=None, kv_cache=None)` returns logits (B, T, vocab), or the mean
   cross-entropy (targets of -100 ignored) when `targets` are given; a pipeline stage has the
   attributes of `spec.first_stage` / `spec.last_stage` set to None when it does not run them:

@@ -22,9 +22,9 @@ def apply_activation_checkpointing(blocks: nn.ModuleDict) -> None:
 
 def _checkpointed(block: nn.Module, forward):
     @functools.wraps(forward)
-    def run(x: torch.Tensor, cache=None):
+    def run(x: torch.Tensor, cache=None, docs=None):
         if cache is None and block.training and torch.is_grad_enabled():
-            return checkpoint(forward, x, use_reentrant=False)
-        return forward(x, cache)
+            return checkpoint(forward, x, None, docs, use_reentrant=False)
+        return forward(x, cache, docs)
 
     return run

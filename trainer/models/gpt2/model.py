@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.attention import LayerCache, attend
+from trainer.models.attention import Documents, LayerCache, attend, compute_dtype, find_documents
 
 
 class CausalSelfAttention(nn.Module):
@@ -31,14 +31,16 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerCache | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         # view(B, T, -1, head_dim): under tensor parallelism each rank holds only its heads.
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         dropout_p = self.cfg.dropout if self.training else 0.0
-        y = attend(q, k, v, self.cfg, dropout_p, cache)
+        y = attend(q, k, v, self.cfg, dropout_p, cache, docs)
         return self.resid_dropout(self.o_proj(y))
 
 
@@ -63,8 +65,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(
+        self, x: torch.Tensor, cache: LayerCache | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, docs)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -112,6 +116,8 @@ class GPT(nn.Module):
         """Logits (B, T, vocab), or the mean cross-entropy loss when `targets` are given.
 
         Targets equal to -100 are ignored. With `kv_cache`, `idx` continues the cached tokens.
+        With `model.doc_mask` (and no cache) attention stays inside each document of `idx`,
+        and with `model.doc_positions=reset` each document's positions start at 0.
         Under pipeline parallelism a stage holds only some parts (the others are None): a
         stage without `tok_emb` takes hidden states instead of token ids, and a stage without
         `lm_head` returns hidden states.
@@ -123,12 +129,19 @@ class GPT(nn.Module):
                 raise ValueError(
                     f"sequence of {start + T} tokens exceeds model.block_size={self.cfg.block_size}"
                 )
-            pos = torch.arange(start, start + T, device=idx.device)
+            docs = None
+            if self.cfg.doc_mask and not kv_cache:
+                dtype = compute_dtype(idx.device, self.tok_emb.weight.dtype)
+                docs = find_documents(idx, self.cfg, dtype)
+            if docs is not None and docs.positions is not None:
+                pos = docs.positions  # (B, T): each document from position 0
+            else:
+                pos = torch.arange(start, start + T, device=idx.device)
             x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         else:
-            x = idx
+            x, docs = idx, None  # (doc_mask is refused under pipeline parallel)
         for name, block in self.blocks.items():
-            x = block(x, kv_cache[int(name)] if kv_cache else None)
+            x = block(x, kv_cache[int(name)] if kv_cache else None, docs)
         if self.lm_head is None:
             return x
         logits = self.lm_head(self.ln_f(x))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.attention import LayerCache, attend
+from trainer.models.attention import Documents, LayerCache, attend, compute_dtype, find_documents
 
 
 def ffn_hidden(cfg: ModelConfig) -> int:
@@ -83,17 +83,24 @@ class Rotary(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """`x` (B, T, heads, head_dim) at positions start .. start+T-1, rotated.
+    def forward(
+        self, x: torch.Tensor, start: int, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`x` (B, T, heads, head_dim) at positions start .. start+T-1 (or at `positions`
+        (B, T) when given: each packed document from 0), rotated.
 
         Hugging Face's convention (`rotate_half`): dimension i pairs with i + head_dim/2 (the
         first half of each head against the second). Meta's original checkpoints pair
         neighbours (2i, 2i+1) instead; transformers' converter permutes the q/k weights into
         this layout, so with the same convention here our conversion is a plain copy.
         """
-        T = x.size(1)
-        cos = self.cos[start : start + T, None, :].to(x.dtype)  # (T, 1, head_dim / 2)
-        sin = self.sin[start : start + T, None, :].to(x.dtype)
+        if positions is None:
+            T = x.size(1)
+            cos = self.cos[start : start + T, None, :].to(x.dtype)  # (T, 1, head_dim / 2)
+            sin = self.sin[start : start + T, None, :].to(x.dtype)
+        else:
+            cos = self.cos[positions][:, :, None, :].to(x.dtype)  # (B, T, 1, head_dim / 2)
+            sin = self.sin[positions][:, :, None, :].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -130,7 +137,9 @@ class Attention(nn.Module):
         self.rotary = rotary  # shared by all blocks
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerCache | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         # view(B, T, -1, head_dim): under tensor parallelism each rank holds only its heads
         # (n_head / tp query heads, n_kv_head / tp key/value heads).
@@ -138,9 +147,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         start = cache.length if cache is not None else 0  # generating: after the cached tokens
-        q, k = self.rotary(q, start), self.rotary(k, start)
+        positions = docs.positions if docs is not None else None
+        q, k = self.rotary(q, start, positions), self.rotary(k, start, positions)
         dropout_p = self.cfg.dropout if self.training else 0.0
-        y = attend(q, k, v, self.cfg, dropout_p, cache)
+        y = attend(q, k, v, self.cfg, dropout_p, cache, docs)
         return self.resid_dropout(self.o_proj(y))
 
 
@@ -170,8 +180,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def forward(
+        self, x: torch.Tensor, cache: LayerCache | None = None, docs: Documents | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, docs)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -226,6 +238,8 @@ class Llama(nn.Module):
         """Logits (B, T, vocab), or the mean cross-entropy loss when `targets` are given.
 
         Targets equal to -100 are ignored. With `kv_cache`, `idx` continues the cached tokens.
+        With `model.doc_mask` (and no cache) attention stays inside each document of `idx`,
+        and with `model.doc_positions=reset` each document's rotations start at position 0.
         Under pipeline parallelism a stage holds only some parts (the others are None): a
         stage without `tok_emb` takes hidden states instead of token ids, and a stage without
         `lm_head` returns hidden states.
@@ -237,8 +251,11 @@ class Llama(nn.Module):
                 f"model.block_size={self.cfg.block_size}"
             )
         x = self.drop(self.tok_emb(idx)) if self.tok_emb is not None else idx
+        docs = None  # (doc_mask is refused under pipeline parallel: later stages lack the ids)
+        if self.cfg.doc_mask and not kv_cache and self.tok_emb is not None:
+            docs = find_documents(idx, self.cfg, compute_dtype(idx.device, x.dtype))
         for name, block in self.blocks.items():
-            x = block(x, kv_cache[int(name)] if kv_cache else None)
+            x = block(x, kv_cache[int(name)] if kv_cache else None, docs)
         if self.lm_head is None:
             return x
         logits = self.lm_head(self.final_norm(x))
