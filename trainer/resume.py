@@ -47,6 +47,8 @@ NOTED_KEYS = (
     "model.layer_norm_eps",
     "model.rope_theta",
     "model.rope_scaling",
+    "model.doc_mask",
+    "model.doc_positions",
 )
 
 
