@@ -32,6 +32,7 @@ from trainer.checkpoint import Checkpointer, read_trainer_state
 from trainer.config import Config, resolve_config, to_dict
 from trainer.data import BatchLoader, build_source
 from trainer.errors import TrainingError
+from trainer.evals import hellaswag
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import StepMeter, perplexity
@@ -128,6 +129,7 @@ def train(
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
     meter = StepMeter(cfg, parts.n_params, device, world.size, state)
+    questions = hellaswag.examples_for_run(cfg)  # None: eval.hellaswag is off
     log.print(banner(cfg, world, device, parts.n_params, meter, start, load_s))
 
     module.train()
@@ -152,6 +154,8 @@ def train(
                 if eval_due:
                     record["val_loss"] = evaluate(parts.pm, cfg, device)
                     record["val_ppl"] = perplexity(record["val_loss"])
+                    if questions:
+                        record |= evaluate_hellaswag(parts.pm, questions, cfg, device)
                 result.losses[state.step] = record["loss"]
                 log.log(record)
                 meter.new_window()
@@ -305,6 +309,25 @@ def evaluate(pm: ParallelModel, cfg: Config, device: torch.device) -> float:
     pm.module.train()
     loss_sum, count = distributed.all_reduce_sum(total).tolist()
     return loss_sum / count
+
+
+def evaluate_hellaswag(
+    pm: ParallelModel, examples: list[hellaswag.Example], cfg: Config, device: torch.device
+) -> dict[str, float]:
+    """HellaSwag accuracy of the model now (collective over the data-parallel ranks)."""
+    pm.module.eval()
+    try:
+        scores = hellaswag.evaluate(
+            pm.wrapped,
+            examples,
+            device,
+            pm.layout.dp_rank,
+            cfg.parallel.dp_size,
+            autocast(cfg, device),
+        )
+    finally:
+        pm.module.train()
+    return scores.metrics()
 
 
 class FiniteGuard:
