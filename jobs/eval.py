@@ -31,6 +31,7 @@ class EvalJobConfig:
 
     checkpoint: str
     eval: EvalSection
+    batch_size: int
     device: str
     precision: str
 
@@ -40,6 +41,8 @@ def check(cfg: EvalJobConfig) -> None:
     n = cfg.eval.hellaswag_examples
     if n is not None and n < 1:
         raise ConfigError(f"eval.hellaswag_examples={n}: must be a positive number (null: all)")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size}: must be a positive number")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device={cfg.device!r}: expected one of {', '.join(DEVICES)}")
     if cfg.precision not in PRECISIONS:
@@ -63,7 +66,10 @@ def score(cfg: EvalJobConfig) -> tuple[hellaswag.Scores, dict]:
     )
     dtype = AUTOCAST_DTYPES.get(cfg.precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    return hellaswag.evaluate(model, examples, device, autocast=autocast), state
+    scores = hellaswag.evaluate(
+        model, examples, device, autocast=autocast, rows_per_forward=cfg.batch_size
+    )
+    return scores, state
 
 
 def result_line(scores: hellaswag.Scores, state: dict, seconds: float) -> str:

@@ -126,8 +126,9 @@ def test_scores_match_each_ending_scored_alone():
         )
         for q in questions
     ]
-    scores = hellaswag.evaluate(model, examples, torch.device("cpu"))
-    assert (scores.correct, scores.correct_sum, scores.total) == (correct, correct_sum, 5)
+    for rows in (1, 8, 100):  # one question per forward pass, two, all
+        scores = hellaswag.evaluate(model, examples, torch.device("cpu"), rows_per_forward=rows)
+        assert (scores.correct, scores.correct_sum, scores.total) == (correct, correct_sum, 5)
 
 
 class FixedLogits(torch.nn.Module):

@@ -324,6 +324,7 @@ def evaluate_hellaswag(
             pm.layout.dp_rank,
             cfg.parallel.dp_size,
             autocast(cfg, device),
+            rows_per_forward=cfg.train.micro_batch_size,  # what fits in memory in training
         )
     finally:
         pm.module.train()

@@ -111,8 +111,10 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
                     break
                 if line.strip():
                     questions.append(parse_line(line, f"{path}:{number}"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the HellaSwag file ({err})") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the HellaSwag file: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text (expected HellaSwag jsonl)") from None
     if not questions:
         raise DatasetError(f"{path}: no questions (expected HellaSwag jsonl)")
     return questions
@@ -164,7 +166,7 @@ def examples_for_run(cfg: Config) -> list[Example] | None:
 
 
 def ending_losses(logits: torch.Tensor, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed, mean) cross-entropy over each ending's tokens, one value per ending."""
+    """(summed, mean) cross-entropy over each ending's tokens, one value per row (ending)."""
     targets = example.rows[:, 1:].to(logits.device)
     per_token = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none"
@@ -178,6 +180,20 @@ def predictions(logits: torch.Tensor, example: Example) -> tuple[int, int]:
     """The ending chosen by mean loss (acc_norm) and by summed loss (acc)."""
     summed, mean = ending_losses(logits, example)
     return int(mean.argmin()), int(summed.argmin())
+
+
+def stacked(examples: list[Example]) -> Example:
+    """Several examples as one batch of rows (right-padded to the widest; label unused)."""
+    width = max(e.rows.size(1) for e in examples)
+    n_rows = sum(e.rows.size(0) for e in examples)
+    rows = torch.zeros(n_rows, width, dtype=torch.long)
+    scored = torch.zeros(n_rows, width - 1, dtype=torch.bool)
+    at = 0
+    for e in examples:
+        n, w = e.rows.shape
+        rows[at : at + n, :w], scored[at : at + n, : w - 1] = e.rows, e.scored
+        at += n
+    return Example(rows, scored, label=-1)
 
 
 def full_logits(forward: Forward, rows: torch.Tensor) -> torch.Tensor:
@@ -194,27 +210,32 @@ def evaluate(
     dp_rank: int = 0,
     dp_size: int = 1,
     autocast: contextlib.AbstractContextManager | None = None,
+    rows_per_forward: int = 1,
 ) -> Scores:
     """Accuracy over `examples`, shared by the data-parallel ranks (collective).
 
-    Rank r scores examples r, r + dp_size, ...; every rank runs the same number of forward
-    passes (FSDP and TP forwards are collectives), the last share padded with an example whose
-    result is not counted. Ranks of one tensor-parallel group have the same dp_rank, so they see
-    the same inputs. The counts are summed over every rank."""
+    Rank r scores examples r, r + dp_size, ...; as many examples go into one forward pass as
+    fit in `rows_per_forward` rows (at least one). Every rank runs the same number of forward
+    passes (FSDP and TP forwards are collectives): a rank whose share ran out runs one on a
+    padding example it does not count. Ranks of one tensor-parallel group have the same
+    dp_rank, so they see the same inputs. The counts are summed over every rank."""
+    share = examples[dp_rank::dp_size]
+    per_rank = -(-len(examples) // dp_size)  # the longest share (ceil)
+    per_forward = max(1, rows_per_forward // max(e.rows.size(0) for e in examples))
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct, correct_sum, total
-    passes = -(-len(examples) // dp_size)  # ceil
-    for k in range(passes):
-        index = k * dp_size + dp_rank
-        example = examples[min(index, len(examples) - 1)]  # past the end: padding
+    for start in range(0, per_rank, per_forward):
+        group = share[start : start + per_forward]
+        batch = stacked(group or examples[:1])  # nothing left: a padding pass
         with autocast or contextlib.nullcontext():
-            logits = full_logits(forward, example.rows.to(device))
-        if index < len(examples):
-            by_mean, by_sum = predictions(logits, example)
-            counts += torch.tensor(
-                [by_mean == example.label, by_sum == example.label, 1.0],
-                dtype=torch.float64,
-                device=device,
-            )
+            logits = full_logits(forward, batch.rows.to(device))
+        summed, mean = ending_losses(logits, batch)
+        at = 0
+        for example in group:  # its rows: at .. at + n
+            n = example.rows.size(0)
+            chosen = torch.stack([mean[at : at + n].argmin(), summed[at : at + n].argmin()])
+            counts[:2] += chosen == example.label
+            counts[2] += 1
+            at += n
     # Every rank of a tensor-parallel group counted the same examples: divide by its size.
     replicas = (dist.get_world_size() if dist.is_initialized() else 1) // dp_size
     correct, correct_sum, total = (distributed.all_reduce_sum(counts) / replicas).tolist()
