@@ -265,12 +265,16 @@ def test_hellaswag_examples_takes_the_first_n(single_run, hellaswag_file):
 
 
 @pytest.mark.multiproc
-def test_two_data_parallel_ranks_score_like_one_process(
-    tmp_path, dataset, hellaswag_file, single_run
-):
-    # FSDP over 2 ranks, 2 sequences each: the same global batch as the single process's 4.
-    run_dir = tmp_path / "dp2"
-    cfg = kjv_config(run_dir, dataset, hellaswag_file, parallel={"dp_shard": 2})
-    cfg["train"]["micro_batch_size"] = 2
+@pytest.mark.parametrize(
+    "sizes", [{"dp_shard": 2}, {"dp_replicate": 2}, {"tp": 2}], ids=["fsdp", "ddp", "tp"]
+)
+def test_two_ranks_score_like_one_process(tmp_path, dataset, hellaswag_file, single_run, sizes):
+    # 7 questions on 2 data-parallel ranks: 4 and 3, the second rank runs a padding pass.
+    run_dir = tmp_path / "run"
+    sizes = {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1} | sizes
+    cfg = kjv_config(run_dir, dataset, hellaswag_file, parallel=sizes)
+    dp = sizes["dp_replicate"] * sizes["dp_shard"]
+    cfg["train"]["micro_batch_size"] = 4 // dp  # the single process's global batch of 4
     spawn(2, train_worker, cfg)
-    assert hellaswag_records(run_dir) == hellaswag_records(single_run)
+    logged = hellaswag_records(run_dir)
+    assert sorted(logged) == [2, 4] and logged == hellaswag_records(single_run)
