@@ -101,12 +101,12 @@ def reference_losses(model, tokenizer, question: dict) -> list[tuple[float, floa
     return out
 
 
-def test_scores_match_each_ending_scored_alone():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scores_match_each_ending_scored_alone(arch):
     torch.manual_seed(0)
     tokenizer = get_tokenizer("bytes")
-    model = build_model(
-        model_config(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=257)
-    )
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=256, vocab_size=257)
+    model = build_model(model_config(arch=arch, **shape))
     model.eval()
     questions = kjv_questions(5)
     correct = correct_sum = 0
