@@ -21,6 +21,8 @@ USAGE = "checkpoint=PATH eval.hellaswag=FILE.jsonl [eval.hellaswag_examples=N] [
 
 @dataclass
 class EvalSection:
+    """The `eval:` keys, named as in dlt-train's config."""
+
     hellaswag: str
     hellaswag_examples: int | None
 
