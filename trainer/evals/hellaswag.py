@@ -214,12 +214,13 @@ def evaluate(
 ) -> Scores:
     """Accuracy over `examples`, shared by the data-parallel ranks (collective).
 
-    Rank r scores examples r, r + dp_size, ...; as many examples go into one forward pass as
-    fit in `rows_per_forward` rows (at least one). Every rank runs the same number of forward
+    Rank r scores examples r, r + dp_size, ...; as many examples (of similar length) go into
+    one forward pass as fit in `rows_per_forward` rows (at least one). Every rank runs the same number of forward
     passes (FSDP and TP forwards are collectives): a rank whose share ran out runs one on a
     padding example it does not count. Ranks of one tensor-parallel group have the same
     dp_rank, so they see the same inputs. The counts are summed over every rank."""
-    share = examples[dp_rank::dp_size]
+    # Similar widths together: less padding in a forward pass (the order does not count).
+    share = sorted(examples[dp_rank::dp_size], key=lambda e: e.rows.size(1))
     per_rank = -(-len(examples) // dp_size)  # the longest share (ceil)
     per_forward = max(1, rows_per_forward // max(e.rows.size(0) for e in examples))
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct, correct_sum, total
