@@ -154,8 +154,8 @@ def train(
                 if eval_due:
                     record["val_loss"] = evaluate(parts.pm, cfg, device)
                     record["val_ppl"] = perplexity(record["val_loss"])
-                    if questions:
-                        record |= evaluate_hellaswag(parts.pm, questions, cfg, device)
+                if eval_due and questions:
+                    record |= evaluate_hellaswag(parts.pm, questions, cfg, device)
                 result.losses[state.step] = record["loss"]
                 log.log(record)
                 meter.new_window()
