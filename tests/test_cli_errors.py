@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs import eval as eval_cli
 from jobs import export, generate, plot, prep, status, train
 from jobs.cli import errors_as_one_line
 from trainer.checkpoint import CheckpointError
@@ -100,6 +101,7 @@ COMMANDS = {
     "dlt-train": lambda d, long: train.main(["data=dummy", f"run.dir={long}"]),
     "dlt-prep": lambda d, long: prep.main([f"data.out={long}"]),
     "dlt-generate": lambda d, long: generate.main([f"checkpoint={long}"]),
+    "dlt-eval": lambda d, long: eval_cli.main([f"checkpoint={d}", f"eval.hellaswag={long}"]),
     "dlt-export": lambda d, long: export.main([f"checkpoint={d}", f"out={long}"]),
     "dlt-plot": lambda d, long: plot.main([str(d), f"out={long}"]),
     "dlt-status": lambda d, long: status.main([str(long)]),

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from jobs import eval as eval_cli
 from jobs import export, generate, prep, train
 
 
@@ -42,6 +43,7 @@ def test_train_help_shows_the_comments_of_the_yaml_files(capsys):
         (prep.main, "  data=tinystories"),
         (generate.main, "temperature: 0.8"),
         (export.main, "format: hf"),
+        (eval_cli.main, "hellaswag_examples: null"),
     ],
 )
 def test_every_command_help_prints_its_config(main, line, capsys):

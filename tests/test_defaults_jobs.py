@@ -1,6 +1,6 @@
 """The jobs-side schemas declare types only: every value comes from the YAML tree.
 
-`ClusterProfile`, `GenerateConfig`, `ExportConfig` and `PrepConfig` have no default values
+`ClusterProfile`, `GenerateConfig`, `ExportConfig`, `PrepConfig` and `EvalJobConfig` have no default values
 (a default in Python would be a second source next to `cluster_configs/`), and each config
 the commands compose sets every field of its schema.
 """
@@ -13,12 +13,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from jobs.cli import compose_config, presets, to_schema
+from jobs.eval import EvalJobConfig, EvalSection
 from jobs.export import ExportConfig
 from jobs.generate import GenerateConfig
 from jobs.prep import PrepConfig
 from jobs.profile import ClusterProfile
 
-SCHEMAS = [ClusterProfile, GenerateConfig, ExportConfig, PrepConfig]
+SCHEMAS = [ClusterProfile, GenerateConfig, ExportConfig, PrepConfig, EvalJobConfig, EvalSection]
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.__name__)
@@ -49,8 +50,9 @@ def test_every_cluster_profile_sets_every_key(config, name):
     [
         (GenerateConfig, "generate", ["checkpoint=runs/x"]),
         (ExportConfig, "export", ["checkpoint=runs/x", "out=exports/x"]),
+        (EvalJobConfig, "eval", ["checkpoint=runs/x", "eval.hellaswag=hs.jsonl"]),
     ],
-    ids=["generate", "export"],
+    ids=["generate", "export", "eval"],
 )
 def test_generate_and_export_configs_set_every_key(schema, config, overrides):
     composed = compose_config(config, overrides)

@@ -138,6 +138,8 @@ class DataConfig:
 class EvalConfig:
     interval: int  # 0 disables periodic validation
     steps: int  # validation batches per evaluation
+    hellaswag: str | None  # a HellaSwag-format jsonl scored at each evaluation; null: off
+    hellaswag_examples: int | None  # its first N questions; null: all
 
 
 @dataclass(frozen=True)
@@ -433,6 +435,8 @@ def check_fields(cfg: Config) -> None:
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables)")
     _require(cfg.eval.interval >= 0, f"eval.interval={cfg.eval.interval}: must be >= 0")
     _require(cfg.eval.steps > 0, f"eval.steps={cfg.eval.steps}: must be a positive number")
+    if cfg.eval.hellaswag_examples is not None:
+        _positive(cfg, "eval.hellaswag_examples")
     _require(
         cfg.checkpoint.interval >= 0,
         f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0 (0: only at the end)",
@@ -519,6 +523,27 @@ def check_combinations(cfg: Config, world_size: int) -> None:
         p.world_size == world_size,
         f"parallel: dp_replicate*dp_shard*tp*pp = {p.world_size} must equal the world size "
         f"{world_size}",
+    )
+    if cfg.eval.hellaswag:
+        check_hellaswag(cfg)
+
+
+def check_hellaswag(cfg: Config) -> None:
+    """What `eval.hellaswag` needs: a tokenizer for its text, evaluations, no pipeline."""
+    key = f"eval.hellaswag={cfg.eval.hellaswag}"
+    _require(
+        cfg.data.kind == "shards",
+        f"{key}: needs data.kind=shards (its text is encoded with the dataset's tokenizer; "
+        "dummy data has none)",
+    )
+    _require(
+        cfg.eval.interval > 0,
+        f"{key}: runs with each evaluation, but eval.interval=0 (set eval.interval=N)",
+    )
+    _require(
+        cfg.parallel.pp == 1,
+        f"{key}: not supported with pipeline parallel (parallel.pp={cfg.parallel.pp}); "
+        "evaluate a checkpoint with dlt-eval instead",
     )
 
 
@@ -654,6 +679,13 @@ def check_inputs(cfg: Config) -> None:
 
     if cfg.model.init_from:
         check_hf_folder(cfg.model.init_from, cfg.model)
+    if cfg.eval.hellaswag:
+        from trainer.evals.hellaswag import check_file
+
+        try:
+            check_file(cfg.eval.hellaswag)
+        except DatasetError as err:
+            raise ConfigError(f"eval.hellaswag: {err}") from None
     if cfg.eval.interval > 0 and has_split(cfg, "val"):  # none: the run says validation is off
         try:
             build_source(cfg, "val")

@@ -158,6 +158,12 @@ def has_split(cfg: Config, split: str) -> bool:
     return any(split in read_manifest(folder)["splits"] for folder in folders)
 
 
+def tokenizer_folder(cfg: Config) -> str:
+    """The dataset folder whose manifest (and tokenizer file) the run's tokens follow: a
+    mixture's datasets share one tokenizer, so its first one."""
+    return cfg.data.mix[0].path if cfg.data.mix else cfg.data.path
+
+
 def build_source(cfg: Config, split: str, verify: bool = False) -> SampleSource:
     """The sample source named by `cfg.data` (`verify`: every shard checked against its
     sha256 before it is read, unless `data.verify=false`)."""

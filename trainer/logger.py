@@ -89,6 +89,8 @@ def format_line(r: dict[str, Any], max_steps: int) -> str:
         parts.append(f"loss {r['loss']:.4f}")
     if "val_loss" in r:
         parts.append(f"val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})")
+    if "hellaswag_acc" in r:
+        parts.append(f"hellaswag {r['hellaswag_acc']:.4f}")
     if "lr" in r:
         parts.append(f"lr {r['lr']:.2e}")
     if "grad_norm" in r:

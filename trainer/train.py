@@ -31,8 +31,9 @@ from trainer import distributed, resume
 from trainer import run_dir as run_files
 from trainer.checkpoint import Checkpointer, read_trainer_state
 from trainer.config import Config, resolve_config, to_dict
-from trainer.data import BatchLoader, SampleSource, build_source, has_split
+from trainer.data import BatchLoader, SampleSource, build_source, has_split, tokenizer_folder
 from trainer.errors import TrainingError
+from trainer.evals import hellaswag
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import StepMeter, perplexity
@@ -130,6 +131,7 @@ def train(
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
     meter = StepMeter(cfg, parts.n_params, device, world.size, state)
+    questions = hellaswag.examples_for_run(cfg)  # None: eval.hellaswag is off
     log.print(banner(cfg, world, device, parts.n_params, meter, start, load_s))
     if cfg.eval.interval > 0 and parts.val_source is None:
         log.print(f"validation off: {no_validation_split(cfg)}")
@@ -157,6 +159,8 @@ def train(
                 if eval_due and parts.val_source is not None:
                     record["val_loss"] = evaluate(parts.pm, cfg, device, parts.val_source)
                     record["val_ppl"] = perplexity(record["val_loss"])
+                if eval_due and questions:
+                    record |= evaluate_hellaswag(parts.pm, questions, cfg, device)
                 if isinstance(parts.loader.source, MixtureSource):
                     consumed = parts.loader.samples_consumed
                     record["tokens_per_source"] = parts.loader.source.tokens_per_source(consumed)
@@ -266,7 +270,7 @@ def tokenizer_files(cfg: Config) -> list[Path]:
     (a mixture's datasets share one tokenizer: the first one's file)."""
     if cfg.data.kind != "shards":
         return []
-    folder = cfg.data.mix[0].path if cfg.data.mix else cfg.data.path
+    folder = tokenizer_folder(cfg)
     name = read_manifest(folder)["tokenizer"]["file"]
     return [Path(folder) / name] if name else []
 
@@ -359,6 +363,26 @@ def evaluate(pm: ParallelModel, cfg: Config, device: torch.device, source: Sampl
     pm.module.train()
     loss_sum, count = distributed.all_reduce_sum(total).tolist()
     return loss_sum / count
+
+
+def evaluate_hellaswag(
+    pm: ParallelModel, examples: list[hellaswag.Example], cfg: Config, device: torch.device
+) -> dict[str, float]:
+    """HellaSwag accuracy of the model now (collective over the data-parallel ranks)."""
+    pm.module.eval()
+    try:
+        scores = hellaswag.evaluate(
+            pm.wrapped,
+            examples,
+            device,
+            pm.layout.dp_rank,
+            cfg.parallel.dp_size,
+            autocast(cfg, device),
+            rows_per_forward=cfg.train.micro_batch_size,  # what fits in memory in training
+        )
+    finally:
+        pm.module.train()
+    return scores.metrics()
 
 
 class FiniteGuard:

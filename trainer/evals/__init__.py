@@ -1,0 +1,1 @@
+"""Downstream evaluations of a language model (during training and with `dlt-eval`)."""
