@@ -96,8 +96,11 @@ def run(cfg: PrepConfig) -> None:
             data, chunk_range(cfg.chunks, len(chunks)), cfg.workers or prep.default_workers()
         )
     else:
-        prep.finalize(data, chunks, prep.prepare_tokenizer(data, chunks))
+        manifest = prep.finalize(data, chunks, prep.prepare_tokenizer(data, chunks))
         print(f"dlt-prep: wrote {Path(data.out) / 'manifest.json'}")
+        for line in prep.summary_lines(manifest):
+            print(line)
+        print("dlt-prep: the chunks were tokenized by the array tasks (their logs show MB/s)")
 
 
 def main(argv: list[str] | None = None) -> None:
