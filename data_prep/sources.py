@@ -216,8 +216,9 @@ def cut_point(s: _Stream, target: int, limit: int) -> int:
         return i + 1
     if match := WHITESPACE.search(s.buf, target - s.offset, limit - s.offset):
         return s.offset + match.end()
+    s.read_to(target + 4)  # a UTF-8 character is at most 4 bytes
     i = target
-    while i < limit and s.buf[i - s.offset] & 0xC0 == 0x80:  # UTF-8 continuation: no boundary
+    while i < s.end and s.buf[i - s.offset] & 0xC0 == 0x80:  # a continuation byte: not here
         i += 1
     return i
 
@@ -240,8 +241,12 @@ def chunk_bounds(
         limit = target + chunk_bytes if cut else None
         end = next_document_end(s, separator, target, limit)
         inside = False
+        if end < 0 and cut:
+            s.read_to(limit + 1)
         if end < 0 and cut and s.end > limit:  # no document ends within the window: cut
-            end, inside = cut_point(s, target, limit), True
+            end = cut_point(s, target, limit)
+            s.read_to(end + 1)
+            inside = end < s.end  # a cut at the very end of the data is no cut
         if end < 0:  # the data ends before the next separator: the rest is the last chunk
             s.read_to(1 << 62)
             end = s.end
