@@ -78,7 +78,7 @@ def listed_inputs(section: DictConfig) -> DictConfig:
     into a one-item list: `data.input=books.txt` means `data.input=[books.txt]`."""
     for key in INPUT_KEYS:
         value = section.get(key)
-        if value is not None and not OmegaConf.is_list(value) and not isinstance(value, list):
+        if isinstance(value, str):
             section[key] = [value]
     return section
 

@@ -693,6 +693,19 @@ def bounded_imap(pool: Any, fn: Any, items: Iterator[Any], window: int) -> Itera
         yield pending.popleft().get()
 
 
+def rate_line(records: list[dict[str, Any]], workers: int, elapsed: float) -> str:
+    """How fast the chunks tokenized here went (chunks found intact are not counted)."""
+    done = [r for r in records if not r["skipped"]]
+    text_bytes = sum(r["input_bytes"] or 0 for r in done)
+    tokens = sum(e["num_tokens"] for r in done for e in r["shards"].values())
+    elapsed = max(elapsed, 1e-9)
+    return (
+        f"dlt-prep: {len(done)} chunks tokenized here ({len(records) - len(done)} found intact) "
+        f"on {workers} workers in {elapsed:.1f} s: {text_bytes / elapsed / 2**20:.2f} MB/s, "
+        f"{tokens / elapsed:,.0f} tok/s"
+    )
+
+
 def run_chunks(cfg: CorpusConfig, indices: list[int], workers: int) -> list[dict[str, Any]]:
     """Process the planned chunks `indices` in a pool of `workers` processes, with a progress
     display."""
@@ -715,22 +728,24 @@ def stream_work(cfg: CorpusConfig, first_index: int, stream: dict[str, Any]) -> 
     stream["rows"] = start
 
 
-def run_streams(cfg: CorpusConfig, workers: int, progress: Progress) -> None:
+def run_streams(cfg: CorpusConfig, workers: int) -> list[dict[str, Any]]:
     """Read the streamed inputs not yet read to their end and tokenize their chunks; record
     each one's row count in plan.json when it ends (its chunks are then known)."""
     out = Path(cfg.out)
     saved = read_plan(out)
     by = saved.get("val_split", {}).get("by", "documents")
     index = len(saved["chunks"])
+    records = []
     for stream in saved.get("streams", []):
         if stream["rows"] is None:
-            work = (
-                (i, with_val_by(chunk, by), docs)
-                for i, chunk, docs in stream_work(cfg, index, stream)
-            )
-            run_work(cfg, work, workers, progress)
+            progress = Progress(None)
+            work = stream_work(cfg, index, stream)
+            work = ((i, with_val_by(chunk, by), docs) for i, chunk, docs in work)
+            records += run_work(cfg, work, workers, progress)
+            progress.close()
             write_plan(out, saved)
         index += -(-stream["rows"] // stream["rows_per_chunk"])
+    return records
 
 
 class _InProcess:
@@ -772,18 +787,11 @@ def run_local(cfg: CorpusConfig, workers: int = 0) -> dict[str, Any]:
         + (f", then the streamed {', '.join(streams)}" if streams else ""),
         flush=True,
     )
-    progress = Progress(len(todo) if not streams else None)
-    if todo:
-        run_work(cfg, ((i, chunks[i], None) for i in todo), used, progress)
-    run_streams(cfg, used, progress)
-    progress.close()
+    start = time.perf_counter()
+    records = run_chunks(cfg, todo, used) if todo else []
+    records += run_streams(cfg, used)
+    elapsed = time.perf_counter() - start
     manifest = finalize(cfg, plan(cfg), tokenizer)
-    for line in summary_lines(manifest):
+    for line in [*summary_lines(manifest), rate_line(records, used, elapsed)]:
         print(line, flush=True)
-    done_here = progress.done - progress.skipped
-    print(
-        f"dlt-prep: {done_here} chunks tokenized here on {used} workers in "
-        f"{progress.elapsed:.1f} s: {progress.rate()}",
-        flush=True,
-    )
     return manifest
