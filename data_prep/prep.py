@@ -558,13 +558,14 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
         f"{name} {v['num_tokens']:,} tokens in {len(v['shards'])} shards"
         for name, v in splits.items()
     ]
+    text_files = f"{manifest['input_bytes'] / 2**20:.2f} MB of text files"
+    if not manifest["input_bytes"]:
+        text_files = "datasets only"
     lines = [
-        f"dlt-prep: {documents:,} documents, {manifest['num_chunks']} chunks, "
-        f"{manifest['input_bytes'] / 2**20:.2f} MB of text files -> {', '.join(parts)}"
+        f"dlt-prep: {documents:,} document{'s' * (documents != 1)}, "
+        f"{manifest['num_chunks']} chunks, {text_files} -> {', '.join(parts)}"
     ]
-    if val_line := val_split_line(manifest):
-        lines.append(val_line)
-    return lines
+    return [*lines, val_split_line(manifest)]
 
 
 def val_split_line(manifest: dict[str, Any]) -> str:
@@ -701,8 +702,9 @@ def rate_line(records: list[dict[str, Any]], workers: int, elapsed: float) -> st
     elapsed = max(elapsed, 1e-9)
     return (
         f"dlt-prep: {len(done)} chunks tokenized here ({len(records) - len(done)} found intact) "
-        f"on {workers} workers in {elapsed:.1f} s: {text_bytes / elapsed / 2**20:.2f} MB/s, "
-        f"{tokens / elapsed:,.0f} tok/s"
+        f"on {workers} workers in {elapsed:.1f} s: "
+        + (f"{text_bytes / elapsed / 2**20:.2f} MB/s, " if text_bytes else "")
+        + f"{tokens / elapsed:,.0f} tok/s"
     )
 
 

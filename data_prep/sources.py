@@ -314,13 +314,24 @@ def stream_rows(spec: str, cfg: CorpusConfig, start: int = 0) -> Iterator[object
         raise hub_offline_error(spec, err) from None
     if first is None:
         return
-    for row in itertools.chain([first], rows):
-        if cfg.text_field not in row:
-            raise DataError(
-                f"{spec}: no column {cfg.text_field!r} (data.text_field); "
-                f"columns are {', '.join(row)}"
-            )
-        yield row[cfg.text_field]
+    index = start
+    try:
+        for row in itertools.chain([first], rows):
+            if cfg.text_field not in row:
+                raise DataError(
+                    f"{spec}: no column {cfg.text_field!r} (data.text_field); "
+                    f"columns are {', '.join(row)}"
+                )
+            yield row[cfg.text_field]
+            index += 1
+    except DataError:
+        raise
+    except Exception as err:  # e.g. the connection dropped: the chunks written are kept
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataError(
+            f"{spec}: reading the stream failed after row {index} ({reason}); run dlt-prep "
+            "again: the chunks already written are kept"
+        ) from None
 
 
 def rows_per_chunk(texts: list[object], chunk_mb: float) -> int:

@@ -87,6 +87,11 @@ def run(cfg: PrepConfig) -> None:
         )
         return
     chunks = prep.plan(data)
+    if streamed := prep.unread_streams(Path(data.out)):
+        raise prep.DataError(
+            f"data.input: {', '.join(streamed)} is streamed, so its chunks are planned as it is "
+            f"read, by one run: use phase=all (one job), or save_to_disk and use hf-disk:DIR"
+        )
     if cfg.phase == "plan":
         prep.prepare_tokenizer(data, chunks)
         print(f"dlt-prep: planned {len(chunks)} chunks in {data.out}")

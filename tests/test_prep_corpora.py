@@ -144,7 +144,7 @@ def test_one_document_uses_every_worker_and_carves_validation_by_tokens(book):
 def test_one_document_prep_prints_a_summary(book):
     *_, stdout = book
     lines = stdout.splitlines()
-    summary = next(line for line in lines if line.startswith("dlt-prep: 1 documents"))
+    summary = next(line for line in lines if line.startswith("dlt-prep: 1 document,"))
     assert "chunks, 0.29 MB of text files -> train " in summary and ", val " in summary
     assert any(line.startswith("dlt-prep: validation split by tokens (") for line in lines)
     rate = next(line for line in lines if "chunks tokenized here" in line)
@@ -278,7 +278,7 @@ def test_phases_of_an_array_job_print_the_totals(tmp_path, capsys):
         assert code == 0, err
     code, stdout, err = run_cli(capsys, *base, "phase=finalize")
     assert code == 0, err
-    assert "dlt-prep: 1 documents, " in stdout and "val " in stdout
+    assert "dlt-prep: 1 document, " in stdout and "val " in stdout
     assert "dlt-prep: validation split by tokens" in stdout
     assert "tokenized by the array tasks" in stdout
     assert_whole_document(out, text)
