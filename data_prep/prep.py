@@ -407,7 +407,7 @@ def split_by_documents(chunk: Chunk, docs: Documents, fraction: float) -> dict[s
     last = len(docs.texts) - 1
     for i, doc in enumerate(docs.texts):
         piece = (i == 0 and chunk.starts_inside) or (i == last and docs.last_continues)
-        held_out = chunk.val_by == "all" or (
+        held_out = chunk.split == "val" or (
             chunk.val_by == "documents" and not piece and is_validation(doc, fraction)
         )
         part = parts["val" if held_out else "train"]

@@ -58,7 +58,7 @@ class Chunk:
     end: int
     starts_inside: bool = False  # begins inside a document that an earlier chunk began
     ends_inside: bool = False  # ends inside a document that the next chunk finishes
-    val_by: str = "documents"  # a train chunk holds out validation by: documents | tokens | none
+    val_by: str = "documents"  # validation held out by: documents | tokens | none | all (val)
 
     def to_dict(self) -> dict:
         return asdict(self)
