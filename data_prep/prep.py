@@ -634,7 +634,7 @@ class Progress:
     def __init__(self, total: int | None) -> None:
         self.tty = sys.stderr.isatty()
         self.bar = tqdm(total=total, unit="chunk", disable=not self.tty, dynamic_ncols=True)
-        self.total, self.done, self.skipped = total, 0, 0
+        self.total, self.done = total, 0
         self.text_bytes, self.tokens = 0, 0
         self.start = time.perf_counter()
 
@@ -650,9 +650,7 @@ class Progress:
 
     def add(self, record: dict[str, Any]) -> None:
         self.done += 1
-        if record["skipped"]:
-            self.skipped += 1
-        else:
+        if not record["skipped"]:
             self.text_bytes += record["input_bytes"] or 0
             self.tokens += sum(e["num_tokens"] for e in record["shards"].values())
         self.bar.set_postfix_str(self.rate(), refresh=False)
