@@ -24,6 +24,9 @@ from data_prep.errors import UserError
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "hf")
 DOC_SEPARATORS = ("eot", "line", "blank_line")
+VAL_SPLITS = ("auto", "documents", "tokens")
+# The keys that take one path (or glob, or dataset) as well as a list of them.
+INPUT_KEYS = ("input", "val_input")
 # The keys of the shared `data:` section that only the trainer reads.
 TRAINER_KEYS = ("kind", "path", "mix", "verify", "vocab_size", "tokenizer_hash", "dummy_branching")
 # Where the values come from: the base preset of the `data` config group.
@@ -43,9 +46,10 @@ class CorpusConfig:
     tokenizer_path: str | None  # tokenizer=hf: a folder holding a tokenizer.json
     eot_token: str | None  # tokenizer=hf: the end-of-text token; null: from the tokenizer
     out: str | None  # where dlt-prep writes the shards
-    input: list[str]  # files, globs, hf:NAME, hf-disk:PATH, pkg://module/file
-    val_input: list[str]  # a separate validation corpus
-    val_fraction: float  # without val_input: share of documents held out for validation
+    input: list[str]  # files, globs, hf:NAME, hf-disk:PATH, pkg://module/file (one or a list)
+    val_input: list[str]  # a separate validation corpus (one or a list)
+    val_fraction: float  # share of data.input held out for validation
+    val_split: str  # how val_fraction is held out: auto | documents | tokens
     format: str  # auto (by extension) | text | jsonl | hf
     doc_separator: str  # text: eot (<|endoftext|>) | line | blank_line
     text_field: str  # jsonl / hf: the field that holds a document
@@ -62,8 +66,21 @@ def base_section() -> DictConfig:
 
 
 def prep_keys(section: DictConfig) -> DictConfig:
-    """A `data:` section without the keys only the trainer reads (exactly TRAINER_KEYS)."""
-    return OmegaConf.masked_copy(section, [k for k in section if k not in TRAINER_KEYS])
+    """A `data:` section without the keys only the trainer reads (exactly TRAINER_KEYS), its
+    inputs as lists (see :func:`listed_inputs`)."""
+    return listed_inputs(
+        OmegaConf.masked_copy(section, [k for k in section if k not in TRAINER_KEYS])
+    )
+
+
+def listed_inputs(section: DictConfig) -> DictConfig:
+    """`section` with a single `input` / `val_input` value (a path, a glob, hf:NAME) turned
+    into a one-item list: `data.input=books.txt` means `data.input=[books.txt]`."""
+    for key in INPUT_KEYS:
+        value = section.get(key)
+        if isinstance(value, str):
+            section[key] = [value]
+    return section
 
 
 def corpus_config(**overrides: Any) -> CorpusConfig:
@@ -71,9 +88,8 @@ def corpus_config(**overrides: Any) -> CorpusConfig:
     (`out: data/${.name}`) resolved. An unknown key or a wrong type is a one-line
     CorpusConfigError naming the key."""
     try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(CorpusConfig), prep_keys(base_section()), overrides
-        )
+        values = listed_inputs(OmegaConf.merge(prep_keys(base_section()), overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(CorpusConfig), values)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""

@@ -87,6 +87,11 @@ def run(cfg: PrepConfig) -> None:
         )
         return
     chunks = prep.plan(data)
+    if streamed := prep.unread_streams(Path(data.out)):
+        raise prep.DataError(
+            f"data.input: {', '.join(streamed)} is streamed, so its chunks are planned as it is "
+            f"read, by one run: use phase=all (one job), or save_to_disk and use hf-disk:DIR"
+        )
     if cfg.phase == "plan":
         prep.prepare_tokenizer(data, chunks)
         print(f"dlt-prep: planned {len(chunks)} chunks in {data.out}")
@@ -96,8 +101,11 @@ def run(cfg: PrepConfig) -> None:
             data, chunk_range(cfg.chunks, len(chunks)), cfg.workers or prep.default_workers()
         )
     else:
-        prep.finalize(data, chunks, prep.prepare_tokenizer(data, chunks))
+        manifest = prep.finalize(data, chunks, prep.prepare_tokenizer(data, chunks))
         print(f"dlt-prep: wrote {Path(data.out) / 'manifest.json'}")
+        for line in prep.summary_lines(manifest):
+            print(line)
+        print("dlt-prep: the chunks were tokenized by the array tasks (their logs show MB/s)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from data_prep import prep, sources
 from data_prep.config import TRAINER_KEYS, CorpusConfig, CorpusConfigError, corpus_config
 from data_prep.shards import MANIFEST
-from data_prep.sources import DataError, chunk_starts, open_binary, plan_file
+from data_prep.sources import DataError, chunk_bounds, open_binary, plan_file
 from data_prep.tokenizers import BPE_FILE, get_tokenizer, load_bpe, save_bpe, train_bpe
 from jobs import prep as prep_cli
 
@@ -177,7 +178,13 @@ def test_round_trip(tmp_path, kind, tokenizer):
     train = manifest["splits"]["train"]
     tokens = split_tokens(out, manifest, "train")
     assert tok.decode(tokens.tolist()) == "".join(doc + EOT for doc in docs)
-    assert np.array_equal(tokens, expected_ids(docs, tok))
+    chunks = [sources.Chunk(**c) for c in json.loads((out / prep.PLAN).read_text())["chunks"]]
+    cuts = sum(c.ends_inside for c in chunks)
+    assert (cuts > 0) == kind.startswith("txt")  # the ~8 KB documents: JSONL lines are not cut
+    if tok.name == "bytes" or not cuts:
+        assert np.array_equal(tokens, expected_ids(docs, tok))
+    else:  # BPE merges across a cut differ from the whole document's: a few tokens per cut
+        assert abs(tokens.size - expected_ids(docs, tok).size) <= 4 * cuts
     assert train["num_documents"] == len(docs)
     assert train["num_tokens"] == tokens.size
     assert (tokens == tok.eot_id).sum() == len(docs)
@@ -194,7 +201,9 @@ def test_round_trip(tmp_path, kind, tokenizer):
         path = out / entry["file"]
         shard = np.load(path)
         assert shard.dtype == np.uint16 and shard.ndim == 1
-        assert shard.size == entry["num_tokens"] and shard[-1] == tok.eot_id  # whole documents
+        assert shard.size == entry["num_tokens"]
+        index = int(Path(entry["file"]).stem)
+        assert (shard[-1] == tok.eot_id) != chunks[index].ends_inside  # EOT only at true ends
         assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert entry["bytes"] == path.stat().st_size
     assert sum(e["num_documents"] for e in train["shards"]) == len(docs)
@@ -232,42 +241,72 @@ def test_several_inputs_keep_their_order(tmp_path):
 
 
 def random_stream(rng: random.Random, separator: bytes, size: int) -> bytes:
-    parts = []
+    """Bytes with separators, newlines, spaces and multi-byte UTF-8 characters; some streams
+    have long runs without a separator (or without any whitespace) that must be cut."""
+    sep_p = rng.choice([0.3, 0.02, 0.0])
+    pieces = [b"a", b"bc", b"\n", b"<|", b"|>", b" ", "é".encode(), "😀".encode()]
+    if rng.random() < 0.3:
+        pieces = [b"a", "日".encode(), "😀".encode()]  # no whitespace: cut at a character
+    parts: list[bytes] = []
     while sum(map(len, parts)) < size:
-        parts.append(
-            separator
-            if rng.random() < 0.3
-            else rng.choice([b"a", b"bc", b"\n", b"<|", b"|>", b" "])
-        )
-    return b"".join(parts)[: size + rng.randint(0, 20)]
+        parts.append(separator if rng.random() < sep_p else rng.choice(pieces))
+    return b"".join(parts)
+
+
+def expected_cut(data: bytes, target: int, limit: int) -> int:
+    """Where a document longer than a chunk is cut (the rule, restated for the test)."""
+    if (i := data.find(b"\n", target, limit)) >= 0:
+        return i + 1
+    if match := re.compile(rb"\s").search(data, target, limit):
+        return match.end()
+    i = target
+    while i < len(data) and data[i] & 0xC0 == 0x80:
+        i += 1
+    return i
 
 
 @pytest.mark.parametrize("block", [7, 64, sources.BLOCK])
 @pytest.mark.parametrize("separator", [b"<|endoftext|>", b"\n", b"\n\n"])
-def test_chunk_starts_property(monkeypatch, block, separator):
-    """Each start is just past the first separator that begins at or after the previous start
-    + chunk_bytes (separators straddling the read blocks included); nothing else is a start."""
+@pytest.mark.parametrize("cut", [True, False])
+def test_chunk_bounds_property(monkeypatch, block, separator, cut):
+    """Each chunk ends just past the first separator that ends after start + chunk_bytes;
+    with `cut`, when none begins within another chunk_bytes, the document is cut at the first
+    line end, else whitespace, else UTF-8 character boundary after start + chunk_bytes (and
+    the chunk says it ends inside a document). Chunks cover the data exactly."""
     monkeypatch.setattr(sources, "BLOCK", block)
-    rng = random.Random(f"{block}-{separator!r}")
-    cases = 0
+    rng = random.Random(f"{block}-{separator!r}-{cut}")
+    n = len(separator)
+    cases = cuts = 0
     for trial in range(60):
         data = random_stream(rng, separator, rng.choice([0, 1, 20, 300, 2000]))
         if trial % 10 == 0:
             data += separator  # ending exactly on a separator
         chunk_bytes = rng.choice([1, 3, 13, 50, 400])
-        starts, total = chunk_starts(io.BytesIO(data), separator, chunk_bytes)
+        bounds, total, separators = chunk_bounds(io.BytesIO(data), separator, chunk_bytes, cut)
         assert total == len(data)
-        assert starts[0] == 0
-        assert all(a < b for a, b in zip(starts, starts[1:], strict=False))
-        for prev, nxt in zip(starts, starts[1:], strict=False):
-            assert data[nxt - len(separator) : nxt] == separator
-            assert data.find(separator, prev + chunk_bytes) == nxt - len(separator)
-        # after the last start: no further separator, or only one that ends the data
-        last = data.find(separator, starts[-1] + chunk_bytes)
-        assert last < 0 or last + len(separator) == len(data)
-        assert starts[-1] < len(data) or data == b""
-        cases += len(starts) > 2
+        if separator != b"\n\n":  # (counted per chunk: a run of newlines may straddle two)
+            assert separators == data.count(separator)
+        assert [b.start for b in bounds[1:]] == [b.end for b in bounds[:-1]]
+        assert not bounds or (bounds[0].start == 0 and bounds[-1].end == len(data))
+        for b in bounds:
+            target, limit = b.start + chunk_bytes, b.start + 2 * chunk_bytes
+            first = data.find(separator, max(0, target - n + 1))
+            if b.ends_inside:
+                cuts += 1
+                assert cut and (first < 0 or first >= limit) and len(data) > limit
+                assert b.end == expected_cut(data, target, limit)
+            elif b is not bounds[-1]:
+                assert first == b.end - n and (not cut or first < limit)
+            else:  # the last chunk: the rest, whole
+                assert first < 0 or first + n == len(data)
+                if cut and first < 0 and len(data) > limit:  # a cut at the very end: no cut
+                    assert expected_cut(data, target, limit) == len(data)
+                elif cut and first >= 0:
+                    assert first < limit
+        assert not bounds[-1].ends_inside if bounds else data == b""
+        cases += len(bounds) > 2
     assert cases > 10  # most streams really were cut into several chunks
+    assert (cuts > 5) == cut  # and documents longer than a chunk were cut (only with `cut`)
 
 
 @pytest.mark.parametrize("name", ["c.txt", "c.txt.gz"])
@@ -277,7 +316,7 @@ def test_planned_chunks_cover_the_file(tmp_path, monkeypatch, name):
     data = text.encode()
     path = write(tmp_path / name, data)
     cfg = data_config(tmp_path, [str(path)], chunk_mb=0.001)
-    chunks = plan_file(str(path), "text", "train", cfg)
+    chunks, _ = plan_file(str(path), "text", "train", cfg)
     assert len(chunks) > 10
     assert chunks[0].start == 0 and chunks[-1].end == len(data)
     read = b""
@@ -287,7 +326,10 @@ def test_planned_chunks_cover_the_file(tmp_path, monkeypatch, name):
         with open_binary(str(path)) as f:
             f.seek(c.start)
             read += f.read(c.end - c.start)
-        assert c.start == 0 or data[: c.start].endswith(EOT.encode())
+        # a chunk starts after a separator, or (only) where the previous one cut a document
+        assert c.start == 0 or data[: c.start].endswith(EOT.encode()) != c.starts_inside
+    assert [c.starts_inside for c in chunks[1:]] == [c.ends_inside for c in chunks[:-1]]
+    assert any(c.ends_inside for c in chunks) and not chunks[-1].ends_inside
     assert read == data
 
 
