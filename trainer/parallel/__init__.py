@@ -75,7 +75,9 @@ class ParallelModel:
             return None
         if self.z_loss == 0:
             return LossTerms(torch.stack(losses).mean().detach() * self.loss_divisor, None)
-        ce, z = torch.stack(self.z_record).mean(0) * self.loss_divisor
+        # The last pp_microbatches calls: on its first step a schedule also calls the loss
+        # function once on placeholder tensors (inferring the backward's shapes).
+        ce, z = torch.stack(self.z_record[-self.pp_microbatches :]).mean(0) * self.loss_divisor
         return LossTerms(ce, z)
 
     @torch.no_grad()
