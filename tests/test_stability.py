@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config, resolve_config
 from trainer.data import BatchLoader, build_source
+from trainer.errors import TrainingError
 from trainer.models.loss import IGNORE_INDEX, cross_entropy, lm_loss
 from trainer.run_dir import CHECKPOINTS, METRICS, TRAIN_LOG, read_jsonl
 from trainer.stability import UpdateGuard
@@ -227,6 +228,16 @@ def test_resume_skips_exactly_the_steps_of_an_uninterrupted_run(tiny, stop_at):
     assert saved["consecutive"] == (2 if stop_at == 12 else 0)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_non_finite_updates_are_skipped_in_half_precision_too(tiny, precision):
+    """lr=1e30 under bf16 autocast and under fp16 (where the GradScaler alone would skip the
+    overflowing steps forever): the NaN steps are skipped and five in a row stop the run."""
+    cfg = tiny(train={"lr": 1e30, "warmup_steps": 0}, precision=precision)
+    with pytest.raises(TrainingError, match=r"5 updates in a row skipped .*steps 2-6"):
+        run(cfg)
+    assert [r["skipped"] for r in metrics(cfg["run"]["dir"]).values()] == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize(
     "train, message",
     [
@@ -247,14 +258,16 @@ def test_bad_stability_keys_are_one_line_naming_the_key(train, message):
 MULTI = {
     "pp2_z": {"parallel": {"pp": 2, "pp_microbatches": 2, "pp_schedule": "1f1b"}},
     "tp2_z": {"parallel": {"tp": 2}},
+    "fsdp2_z": {"parallel": {"dp_shard": 2}, "train": {"micro_batch_size": 1}},
     "ddp2_spikes": {"parallel": {"dp_replicate": 2}, "train": {"micro_batch_size": 1}},
 }
 
 
 @pytest.mark.multiproc
 def test_z_loss_and_skipping_match_one_process_on_two(tiny, tmp_path):
-    """pp=2 (the pipeline's own loss function) and tp=2 with z-loss on train like one process
-    (losses, z terms, gradient norms, validation); DDP skips the same steps as one process."""
+    """pp=2 (the pipeline's own loss function), tp=2 and FSDP with z-loss on train like one
+    process (losses, z terms, gradient norms, validation); DDP skips the same steps as one
+    process."""
     z_sections = {"train": {"z_loss": Z}, "eval": {"interval": 6, "steps": 1}}
     single_z = run(tiny("single_z", **z_sections)).run_dir
     single_spikes = run(tiny("single_spikes", train=SPIKES)).run_dir
@@ -267,7 +280,7 @@ def test_z_loss_and_skipping_match_one_process_on_two(tiny, tmp_path):
     assert run_jobs(2, jobs, tmp_path / "status") == {}
 
     want = metrics(single_z)
-    for name in ("pp2_z", "tp2_z"):
+    for name in ("pp2_z", "tp2_z", "fsdp2_z"):
         got = metrics(tmp_path / name)
         assert sorted(got) == sorted(want) == list(range(1, 7))
         for step in got:
