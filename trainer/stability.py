@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer import distributed
 from trainer.config import TrainConfig
+from trainer.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,17 @@ class UpdateGuard(Stateful):
     def gave_up(self) -> bool:
         """True after `max_consecutive_skips` skipped steps in a row: the run cannot recover."""
         return self.consecutive >= self.max_consecutive
+
+    def stop_error(self, skip: Skip, last_saved: Path | None) -> TrainingError:
+        """The one-line error once `gave_up`: the streak, its last skip, the last checkpoint."""
+        over = "" if skip.threshold is None else f" > {skip.threshold:.4g}"
+        return TrainingError(
+            f"{self.consecutive} updates in a row skipped (train.max_consecutive_skips="
+            f"{self.max_consecutive}; steps {self.streak_start}-{skip.step}, the last: "
+            f"{skip.what} {skip.value:.4g}{over}; too high a train.lr?): stopped without writing "
+            f"a checkpoint from it; the last good one is {last_saved or 'none'} (the weights "
+            f"since step {(self.streak_start or 1) - 1} are unchanged)"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,8 @@ concern has one owner, registered once:
 - `trainer.checkpoint.Checkpointer`: what is saved where and when, restores every part;
 - `trainer.metrics.StepMeter`: throughput, MFU, memory, the record of each log step;
 - `trainer.logger.MetricsLogger`: metrics.jsonl, the console, train.log, TensorBoard/W&B;
-- `trainer.preemption.StopController`: signals and the ranks' agreement to stop.
+- `trainer.preemption.StopController`: signals and the ranks' agreement to stop;
+- `trainer.stability.UpdateGuard`: which updates are skipped (non-finite, spikes), a `Stateful`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from data_prep.shards import read_manifest
 from trainer import distributed, resume
 from trainer import run_dir as run_files
 from trainer.checkpoint import Checkpointer, read_trainer_state
-from trainer.config import Config, TrainConfig, resolve_config, to_dict
+from trainer.config import Config, resolve_config, to_dict
 from trainer.data import BatchLoader, build_source
 from trainer.errors import TrainingError
 from trainer.hf import load_hf
@@ -145,7 +146,7 @@ def train(
                 log.print(skip.describe())
                 if updates.gave_up:
                     checkpointer.finish()  # a checkpoint in flight was checked when it began
-                    raise too_many_skips(t, updates, skip, checkpointer.last)
+                    raise updates.stop_error(skip, checkpointer.last)
             meter.step_done()
             log.advance()
 
@@ -349,19 +350,6 @@ class FiniteGuard:
                 f"model.layer_norm_eps <= 0?): stopped without writing a checkpoint from it; "
                 f"the last good one is {last_saved or 'none'}"
             )
-
-
-def too_many_skips(
-    t: TrainConfig, updates: UpdateGuard, skip: Skip, last: Path | None
-) -> TrainingError:
-    """The one-line error when `train.max_consecutive_skips` updates in a row were skipped."""
-    return TrainingError(
-        f"{updates.consecutive} updates in a row skipped (train.max_consecutive_skips="
-        f"{t.max_consecutive_skips}; steps {updates.streak_start}-{skip.step}, the last: "
-        f"{skip.what} {skip.value:.4g}{'' if skip.threshold is None else f' > {skip.threshold:.4g}'}"
-        f"; too high a train.lr?): stopped without writing a checkpoint from it; the last good "
-        f"one is {last or 'none'} (the weights since step {updates.streak_start - 1} are unchanged)"
-    )
 
 
 # ------------------------------------------------------------------------- start and end
