@@ -60,19 +60,18 @@ def global_loss_and_norm(
 class UpdateGuard(Stateful):
     """Judges each step before the optimizer applies it; keeps the rolling statistics.
 
-    Spike skipping (factor > 0) compares the loss and the gradient norm with `factor` times
-    their mean over the last `window` accepted steps, once `window` steps have been accepted
-    (until then nothing is known about what is normal). Skipped steps do not enter the mean.
+    Spike skipping (a factor above 1; 0 is off) compares the loss and the gradient norm with
+    `factor` times their mean over the last `window` accepted steps, once `window` steps have
+    been accepted (until then nothing is known about what is normal). Skipped steps do not
+    enter the mean.
     Under fp16 a non-finite gradient norm is the GradScaler's to handle (it skips the step
     and lowers the scale), so only a non-finite loss counts there.
     """
 
     def __init__(self, cfg: TrainConfig, fp16: bool):
-        self.factor, self.max_consecutive, self.fp16 = (
-            cfg.skip_spike_factor,
-            cfg.max_consecutive_skips,
-            fp16,
-        )
+        self.factor = cfg.skip_spike_factor  # 0: only non-finite steps are skipped
+        self.max_consecutive = cfg.max_consecutive_skips
+        self.fp16 = fp16
         self.losses: deque[float] = deque(maxlen=cfg.skip_spike_window)
         self.norms: deque[float] = deque(maxlen=cfg.skip_spike_window)
         self.consecutive = 0  # skipped steps in a row, up to the last step
@@ -81,7 +80,7 @@ class UpdateGuard(Stateful):
 
     def judge(self, step: int, loss: float, grad_norm: float) -> Skip | None:
         """The verdict on update `step`: a :class:`Skip`, or None to apply it."""
-        skip = self._spike(step, loss, grad_norm)
+        skip = self._reason(step, loss, grad_norm)
         if skip is None:
             self.consecutive, self.streak_start = 0, None
             if math.isfinite(grad_norm):  # fp16 overflow steps: the scaler's, not normal
@@ -93,7 +92,7 @@ class UpdateGuard(Stateful):
             self.streak_start = self.streak_start or step
         return skip
 
-    def _spike(self, step: int, loss: float, grad_norm: float) -> Skip | None:
+    def _reason(self, step: int, loss: float, grad_norm: float) -> Skip | None:
         if not math.isfinite(loss):
             return Skip(step, "loss", loss, None)
         if not math.isfinite(grad_norm):  # fp16: the scaler skips it (an overflow)
