@@ -39,16 +39,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> LossTerms:
     """The training loss terms; with `z_loss` 0 exactly `cross_entropy` (and no z term).
 
-    With z-loss on, both terms come from one logsumexp: cross-entropy = logsumexp(logits) -
-    logit of the target, the z term = logsumexp(logits)^2, each averaged over the counted
-    targets."""
+    With z-loss on, both terms come from one log-softmax: the cross-entropy exactly as
+    `cross_entropy` computes it, and logsumexp(logits) = logit - log_softmax(logit) of any
+    one class (the first), so the z term costs no second pass over the vocabulary."""
     if z_loss == 0:
         return LossTerms(cross_entropy(logits, targets), None)
     flat, targets = logits.float().flatten(0, 1), targets.reshape(-1)
+    log_probs = flat.log_softmax(dim=-1)
+    ce = F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX)  # = F.cross_entropy
+    lse = flat[:, 0] - log_probs[:, 0]
     counted = targets != IGNORE_INDEX
-    lse = torch.logsumexp(flat, dim=-1)
-    target_logit = flat.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    n = counted.sum()
-    ce = torch.where(counted, lse - target_logit, 0.0).sum() / n
-    z = torch.where(counted, lse.square(), 0.0).sum() / n
+    z = torch.where(counted, lse.square(), 0.0).sum() / counted.sum()
     return LossTerms(ce, z)
