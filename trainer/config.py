@@ -41,9 +41,9 @@ MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("dummy", "shards")
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama")  # the registry of trainer/models/ (a test keeps the two equal)
 LR_SCHEDULES = ("cosine", "wsd", "constant")
-DECAY_SHAPES = ("linear", "1-sqrt")  # the registry of trainer/models/ (a test keeps the two equal)
+DECAY_SHAPES = ("linear", "1-sqrt")  # wsd's decay
 
 
 class ConfigError(UserError, ValueError):
