@@ -28,6 +28,7 @@ from trainer.run_dir import (
     read_jsonl,
 )
 from trainer.train import run
+from trainer.trained import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -107,17 +108,49 @@ def test_a_refused_run_leaves_the_signal_handlers_as_they_were(tiny):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_diverged_run_is_never_checkpointed(tiny, capsys):
-    cfg = tiny("diverged", train={"lr": 1e30, "warmup_steps": 0}, checkpoint={"interval": 1})
-    with pytest.raises(TrainingError, match="no longer finite at step 2") as err:
+def test_diverged_run_skips_its_updates_then_stops_in_one_line(tiny, capsys):
+    """lr=1e30: step 1's update makes the loss NaN from step 2 on. Those updates are skipped
+    (the weights stay those of step 1); after train.max_consecutive_skips=5 in a row the run
+    stops with one line, writing no checkpoint from the step that stopped it."""
+    cfg = tiny(
+        "diverged", train={"lr": 1e30, "warmup_steps": 0}, checkpoint={"interval": 1, "keep": 6}
+    )
+    with pytest.raises(TrainingError, match=r"5 updates in a row skipped .*steps 2-6") as err:
         run(cfg)
-    first = Path(cfg["run"]["dir"]) / CHECKPOINTS / "step_1"
-    assert f"the last good one is {first}" in str(err.value)
-    assert [p.name for p in checkpoint.step_folders(cfg["run"]["dir"])] == ["step_1"]
+    run_dir = Path(cfg["run"]["dir"])
+    last = run_dir / CHECKPOINTS / "step_5"
+    assert f"the last good one is {last} (the weights since step 1 are unchanged)" in str(err.value)
+    assert [p.name for p in checkpoint.step_folders(run_dir)] == [f"step_{i}" for i in range(1, 6)]
+    after_1, after_5 = (load_model(run_dir / CHECKPOINTS / f"step_{i}")[0] for i in (1, 5))
+    for (name, a), b in zip(
+        after_1.state_dict().items(), after_5.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    log = (run_dir / TRAIN_LOG).read_text()
+    assert all(f"step {i}: update skipped: loss nan is not finite" in log for i in range(2, 7))
+    assert [r["skipped"] for r in read_jsonl(run_dir / METRICS)] == [0, 1, 2, 3, 4]
     with pytest.raises(SystemExit) as exit_info:  # the same through dlt-train: one line
         train_main(cli_args(tiny("diverged2"), "train.lr=1e30", "train.warmup_steps=0"))
     assert exit_info.value.code == 2
-    assert "no longer finite" in one_error_line(capsys)
+    assert "5 updates in a row skipped" in one_error_line(capsys)
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny, monkeypatch):
+    """An update that makes a weight infinite from finite gradients (here: an optimizer step
+    that writes one) is not caught by skipping; the checkpoint of that step is refused."""
+    step = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    cfg = tiny("overflow", checkpoint={"interval": 1})
+    with pytest.raises(TrainingError, match="the weights are no longer finite at step 1") as err:
+        run(cfg)
+    assert "the last good one is none" in str(err.value)
+    assert checkpoint.step_folders(cfg["run"]["dir"]) == []
 
 
 @pytest.mark.parametrize(

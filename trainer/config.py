@@ -44,6 +44,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("dummy", "shards")
 DOC_POSITIONS = ("continue", "reset")
 ARCHS = ("gpt2", "llama")  # the registry of trainer/models/ (a test keeps the two equal)
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "1-sqrt")  # wsd's decay
 
 
 class ConfigError(UserError, ValueError):
@@ -97,8 +99,11 @@ class TrainConfig:
     global_batch_size: int | None  # if set, grad_accum is derived from it
     max_steps: int
     lr: float
-    min_lr: float  # floor of the cosine decay
+    min_lr: float  # where the decay ends (cosine, wsd)
     warmup_steps: int
+    lr_schedule: str  # cosine | wsd | constant (after the linear warmup)
+    decay_fraction: float  # wsd: the last fraction of max_steps decays to min_lr
+    decay_shape: str  # wsd: linear | 1-sqrt
     beta1: float
     beta2: float
     weight_decay: float
@@ -107,6 +112,10 @@ class TrainConfig:
     activation_checkpointing: bool
     compile: bool
     cpu_threads: int  # torch threads per process on CPU; 0: auto (see trainer.distributed)
+    z_loss: float  # weight of PaLM's z-loss, mean(logsumexp(logits)^2); 0: off
+    skip_spike_factor: float  # skip an update whose loss/grad norm > factor x rolling mean; 0: off
+    skip_spike_window: int  # accepted steps in the rolling mean (and before skipping can start)
+    max_consecutive_skips: int  # this many skipped updates in a row stop the run
 
 
 @dataclass(frozen=True)
@@ -430,6 +439,7 @@ def check_fields(cfg: Config) -> None:
         0.0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}"
     )
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    check_stability_fields(t)
     _require(0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0, "train.beta1/beta2: must be in [0, 1)")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables)")
@@ -464,6 +474,38 @@ def check_mix(mix: list[MixSource]) -> None:
             f"{where}: {names[i]!r} also names data.mix[{names.index(names[i])}] (two sources "
             "of one name: give each a distinct name)",
         )
+
+
+def check_stability_fields(t: TrainConfig) -> None:
+    """The schedule's and the stability keys' ranges and choices."""
+    _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _one_of("train.decay_shape", t.decay_shape, DECAY_SHAPES)
+    _require(
+        0.0 < t.decay_fraction <= 1.0,
+        f"train.decay_fraction={t.decay_fraction}: must be in (0, 1]",
+    )
+    _require(
+        math.isfinite(t.z_loss) and t.z_loss >= 0,
+        f"train.z_loss={t.z_loss}: must be >= 0 (0: off; 1e-4 is typical)",
+    )
+    _require(
+        math.isfinite(t.skip_spike_factor)
+        and (t.skip_spike_factor == 0 or t.skip_spike_factor > 1),
+        f"train.skip_spike_factor={t.skip_spike_factor}: must be 0 (off) or above 1",
+    )
+    _require(
+        t.skip_spike_window > 0,
+        f"train.skip_spike_window={t.skip_spike_window}: must be a positive number",
+    )
+    _require(
+        t.max_consecutive_skips > 0,
+        f"train.max_consecutive_skips={t.max_consecutive_skips}: must be a positive number",
+    )
+
+
+def wsd_decay_steps(t: TrainConfig) -> int:
+    """The steps of the WSD schedule's decay: `decay_fraction` of `max_steps`, rounded."""
+    return round(t.decay_fraction * t.max_steps)
 
 
 def auto_sizes(p: ParallelConfig, world_size: int) -> ParallelConfig:
@@ -502,8 +544,20 @@ def derive(cfg: Config, world_size: int) -> Config:
 
 
 def check_combinations(cfg: Config, world_size: int) -> None:
-    """Rules between keys: heads and width, vocabularies, the world size."""
-    m, p = cfg.model, cfg.parallel
+    """Rules between keys: heads and width, vocabularies, the schedule, the world size."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if t.lr_schedule == "wsd":
+        decay = wsd_decay_steps(t)
+        _require(
+            decay >= 1,
+            f"train.decay_fraction={t.decay_fraction}: decays over no step of "
+            f"train.max_steps={t.max_steps}",
+        )
+        _require(
+            t.warmup_steps + decay <= t.max_steps,
+            f"train.warmup_steps={t.warmup_steps} + the decay (train.decay_fraction="
+            f"{t.decay_fraction}: {decay} steps) exceed train.max_steps={t.max_steps}",
+        )
     _require(
         m.n_embd % m.n_head == 0,
         f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd}",

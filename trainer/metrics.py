@@ -99,6 +99,7 @@ class StepMeter:
         per_token = spec_of(cfg.model).flops_per_token(cfg.model, n_params)
         self.flops_per_step = per_token * self.tokens_per_step
         self.peak = peak_tflops(device, cfg.log.peak_tflops)
+        self.z_loss = t.z_loss
         self.device, self.world_size, self.state = device, world_size, state
         if state.tokens is None:  # a checkpoint that did not record it: the same batch so far
             state.tokens = state.step * self.tokens_per_step
@@ -132,20 +133,22 @@ class StepMeter:
     def record(
         self,
         lr: float,
-        loss_and_count: torch.Tensor,
+        loss_and_count: torch.Tensor,  # (sum of losses, their count, sum of z terms)
         grad_norm: torch.Tensor,
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
     ) -> dict[str, Any]:
         """The record of this log window (collective: the loss is averaged over the ranks,
         memory gathered from them)."""
-        loss_sum, count = distributed.all_reduce_sum(loss_and_count).tolist()
+        loss_sum, count, z_sum = distributed.all_reduce_sum(loss_and_count).tolist()
         record = {
             "step": self.state.step,
-            "loss": loss_sum / count,
+            "loss": loss_sum / count,  # the cross-entropy, without the z-loss term
             "lr": lr,
             "grad_norm": grad_norm.item(),
         }
+        if self.z_loss:  # what the z-loss added to the minimised loss
+            record["z_loss"] = self.z_loss * z_sum / count
         now = time.perf_counter()  # after the collectives: the window's work is done
         steps = max(self.window_steps, 1)
         step_time = (now - self.window_start) / steps

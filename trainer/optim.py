@@ -1,4 +1,4 @@
-"""AdamW with GPT-2's weight-decay split, and the learning-rate schedule."""
+"""AdamW with GPT-2's weight-decay split, and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, wsd_decay_steps
 
 
 def build_optimizer(
@@ -34,12 +34,39 @@ def build_optimizer(
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`.
+    """The learning rate of update `step + 1` (`step` updates done): `train.lr_schedule`.
+
+    Every schedule starts with a linear warmup to `lr` over `warmup_steps`; then
+
+        cosine    cosine decay to `min_lr`, reached at `max_steps`
+        wsd       warmup-stable-decay: `lr` until the last `decay_fraction` of `max_steps`,
+                  then `decay_shape` (linear or 1-sqrt) down to `min_lr`, reached at `max_steps`
+        constant  `lr` to the end
 
     A pure function of the step, so the schedule's whole state is the step counter.
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "wsd":
+        return wsd_lr(step, cfg)
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def wsd_lr(step: int, cfg: TrainConfig) -> float:
+    """After the warmup: stable at `lr`, then the decay over the last `wsd_decay_steps`.
+
+    The stable phase does not depend on when it ends, so a run can be extended (a larger
+    max_steps on resume) while it is stable, and decays can branch off any stable checkpoint
+    (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations"; MiniCPM)."""
+    decay = wsd_decay_steps(cfg)
+    decay_start = cfg.max_steps - decay
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / decay)
+    remaining = 1.0 - progress if cfg.decay_shape == "linear" else 1.0 - math.sqrt(progress)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * remaining

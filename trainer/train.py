@@ -9,13 +9,13 @@ concern has one owner, registered once:
 - `trainer.checkpoint.Checkpointer`: what is saved where and when, restores every part;
 - `trainer.metrics.StepMeter`: throughput, MFU, memory, the record of each log step;
 - `trainer.logger.MetricsLogger`: metrics.jsonl, the console, train.log, TensorBoard/W&B;
-- `trainer.preemption.StopController`: signals and the ranks' agreement to stop.
+- `trainer.preemption.StopController`: signals and the ranks' agreement to stop;
+- `trainer.stability.UpdateGuard`: which updates are skipped (non-finite, spikes), a `Stateful`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from trainer.parallel import ParallelModel, build_layout, parallelize
 from trainer.preemption import StopController, StopOnSignal
 from trainer.run_dir import RunDirError, RunDirLock
 from trainer.sinks import open_sinks
+from trainer.stability import Skip, UpdateGuard, global_loss_and_norm
 from trainer.state import TrainState
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,7 +127,8 @@ def train(
     state = TrainState(origin=start.origin)
     log = MetricsLogger(run_dir, t.max_steps, start.step, world.is_main, cfg.log.progress)
     guard = FiniteGuard(module, device)
-    checkpointer = build_checkpointer(cfg, parts, state, log, guard)
+    updates = UpdateGuard(t, fp16=cfg.precision == "fp16")
+    checkpointer = build_checkpointer(cfg, parts, state, log, guard, updates)
     load_s = checkpointer.restore(start.path, start.saved) if start.path else 0.0
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
@@ -143,9 +145,15 @@ def train(
             lr = lr_at(state.step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_and_count, grad_norm = train_step(parts, cfg, device, meter)
-            guard.seen(loss_and_count[0])
+            loss_and_count, grad_norm, skip = train_step(
+                parts, cfg, device, meter, updates, state.step + 1
+            )
             state.step += 1
+            if skip is not None:
+                log.print(skip.describe())
+                if updates.gave_up:
+                    checkpointer.finish()  # a checkpoint in flight was checked when it began
+                    raise updates.stop_error(skip, checkpointer.last)
             meter.step_done()
             log.advance()
 
@@ -153,9 +161,7 @@ def train(
             eval_due = cfg.eval.interval > 0 and (state.step % cfg.eval.interval == 0 or last)
             if state.step % cfg.log.interval == 0 or last or eval_due:
                 record = meter.record(lr, loss_and_count, grad_norm, module, optimizer)
-                if not math.isfinite(record["loss"]):
-                    checkpointer.finish()  # a checkpoint in flight was checked when it began
-                    guard.check(state.step, checkpointer.last)
+                record["skipped"] = updates.skipped
                 if eval_due and parts.val_source is not None:
                     record["val_loss"] = evaluate(parts.pm, cfg, device, parts.val_source)
                     record["val_ppl"] = perplexity(record["val_loss"])
@@ -241,7 +247,12 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
 
 
 def build_checkpointer(
-    cfg: Config, parts: TrainingParts, state: TrainState, log: MetricsLogger, guard: FiniteGuard
+    cfg: Config,
+    parts: TrainingParts,
+    state: TrainState,
+    log: MetricsLogger,
+    guard: FiniteGuard,
+    updates: UpdateGuard,
 ) -> Checkpointer:
     """Every part that a checkpoint holds, registered once."""
     return Checkpointer(
@@ -250,7 +261,7 @@ def build_checkpointer(
         parts.pm.module,
         parts.optimizer,
         counters=state,
-        parts={"data": parts.loader, "grad_scaler": parts.scaler},
+        parts={"data": parts.loader, "grad_scaler": parts.scaler, "stability": updates},
         config=to_dict(cfg),
         extra_files=tokenizer_files(cfg),
         log=log.print,
@@ -318,30 +329,43 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
 
 
 def train_step(
-    parts: TrainingParts, cfg: Config, device: torch.device, meter: StepMeter
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `grad_accum` micro-batches.
+    parts: TrainingParts,
+    cfg: Config,
+    device: torch.device,
+    meter: StepMeter,
+    updates: UpdateGuard,
+    step: int,
+) -> tuple[torch.Tensor, torch.Tensor, Skip | None]:
+    """Optimizer step `step` over `grad_accum` micro-batches, unless `updates` skips it.
 
-    Returns (this rank's summed micro-batch losses and how many there were, grad norm)."""
+    Returns (this rank's summed micro-batch losses, how many there were and their summed z
+    terms; grad norm; the skip, if the update was skipped)."""
     pm, optimizer, scaler = parts.pm, parts.optimizer, parts.scaler
     accum = cfg.train.grad_accum
-    loss_and_count = torch.zeros(2, device=device)
+    loss_and_count = torch.zeros(3, device=device)  # (sum of losses, count, sum of z terms)
+    one, zero = torch.ones((), device=device), torch.zeros((), device=device)
     for micro in range(accum):
         with meter.timing("data"):
             x, y = (b.to(device, non_blocking=True) for b in parts.loader.next_batch())
         # Gradients are synchronised across data-parallel ranks on the last micro-batch only.
-        loss = pm.forward_backward(x, y, micro == accum - 1, scaler, autocast(cfg, device))
-        if loss is not None:
-            loss_and_count += torch.stack([loss.float(), torch.ones((), device=device)])
+        terms = pm.forward_backward(x, y, micro == accum - 1, scaler, autocast(cfg, device))
+        if terms is not None:
+            z = zero if terms.z is None else terms.z.float()
+            loss_and_count += torch.stack([terms.ce.float(), one, z])
     with meter.timing("optimizer"):
         scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
         pm.after_backward()
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = pm.clip_grad_norm(clip)
-        scaler.step(optimizer)  # fp16: skipped when gradients overflowed
+        # The one host sync of a step (and a tiny all-reduce): skip a non-finite or spiking
+        # update on every rank alike (trainer/stability.py).
+        loss, norm = global_loss_and_norm(loss_and_count, grad_norm, meter.world_size)
+        skip = updates.judge(step, loss, norm)
+        if skip is None:
+            scaler.step(optimizer)  # fp16: skipped when gradients overflowed
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    return loss_and_count, grad_norm
+    return loss_and_count, grad_norm, skip
 
 
 @torch.no_grad()
@@ -386,29 +410,24 @@ def evaluate_hellaswag(
 
 
 class FiniteGuard:
-    """A non-finite loss or weight must never become a checkpoint: `seen` notes every step's
-    loss (no sync), `check` asks every rank (collective) before a save or on a bad record."""
+    """A non-finite weight must never become a checkpoint: `check` asks every rank
+    (collective) before a save. (A non-finite loss or gradient never reaches the weights:
+    its update is skipped, trainer/stability.py.)"""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.module = module
-        self.non_finite = torch.zeros((), dtype=torch.bool, device=device)  # since the check
-
-    def seen(self, loss: torch.Tensor) -> None:
-        self.non_finite |= ~torch.isfinite(loss)
+        self.module, self.device = module, device
 
     def check(self, step: int, last_saved: Path | None) -> None:
-        """Raise :class:`TrainingError` on every rank if any rank saw a non-finite loss since
-        the last check, or holds a non-finite weight."""
+        """Raise :class:`TrainingError` on every rank if any rank holds a non-finite weight."""
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.module.parameters()]
         weights_ok = torch.stack([torch.isfinite(p).all() for p in local]).all()
-        flags = torch.stack([self.non_finite, ~weights_ok.to(self.non_finite.device)])
-        if distributed.all_reduce_max(flags.any().float().reshape(1)).item() > 0:
+        bad = (~weights_ok).float().reshape(1).to(self.device)
+        if distributed.all_reduce_max(bad).item() > 0:
             raise TrainingError(
-                f"the loss or the weights are no longer finite at step {step} (too high a "
-                f"train.lr? a model.layer_norm_eps <= 0?): stopped without writing a checkpoint "
-                f"from it; the last good one is {last_saved or 'none'}"
+                f"the weights are no longer finite at step {step} (too high a train.lr? a "
+                f"model.layer_norm_eps <= 0?): stopped without writing a checkpoint from it; "
+                f"the last good one is {last_saved or 'none'}"
             )
-        self.non_finite.zero_()
 
 
 # ------------------------------------------------------------------------- start and end

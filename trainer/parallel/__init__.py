@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import Config, ConfigError
 from trainer.models import spec_of
+from trainer.models.loss import LossTerms
 from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
@@ -51,24 +52,33 @@ class ParallelModel:
     grad_accum: int = 1  # losses are divided by it, so accumulated gradients are a mean
     pp_microbatches: int = 1
     set_sync: Callable[[bool], None] = field(default=lambda sync: None)
+    z_loss: float = 0.0  # train.z_loss: the weight of the z term in the training loss
+    z_record: list[torch.Tensor] = field(default_factory=list)  # pp: (ce, z) per micro-batch
 
-    def forward_backward(self, x, y, sync: bool, scaler, autocast) -> torch.Tensor | None:
-        """One micro-batch: forward, backward, gradients accumulate. Returns the mean loss on
-        ranks that compute it (all but the non-last pipeline stages), else None.
+    def forward_backward(self, x, y, sync: bool, scaler, autocast) -> LossTerms | None:
+        """One micro-batch: forward, backward, gradients accumulate. Returns the mean loss
+        terms (cross-entropy, z term when z-loss is on) on ranks that compute them (all but
+        the non-last pipeline stages), else None.
 
         `sync=False` skips the gradient all-reduce / reduce-scatter (accumulation steps)."""
         self.set_sync(sync)
         if self.schedule is None:
             with autocast:
-                loss = self.wrapped(x, y)
-            scaler.scale(loss / self.grad_accum).backward()
-            return loss.detach()
+                terms = self.wrapped(x, y, z_loss=self.z_loss)
+            scaler.scale(terms.objective(self.z_loss) / self.grad_accum).backward()
+            return LossTerms(*(t if t is None else t.detach() for t in terms))
         losses: list[torch.Tensor] = []
+        self.z_record.clear()
         with autocast:
             self._run_pipeline(x, y, losses, train=True)
         if not losses:
             return None
-        return torch.stack(losses).mean().detach() * self.loss_divisor
+        if self.z_loss == 0:
+            return LossTerms(torch.stack(losses).mean().detach() * self.loss_divisor, None)
+        # The last pp_microbatches calls: on its first step a schedule also calls the loss
+        # function once on placeholder tensors (inferring the backward's shapes).
+        ce, z = torch.stack(self.z_record[-self.pp_microbatches :]).mean(0) * self.loss_divisor
+        return LossTerms(ce, z)
 
     @torch.no_grad()
     def eval_loss(self, x, y, autocast) -> torch.Tensor | None:
@@ -164,10 +174,18 @@ def parallelize(
         grad_accum=t.grad_accum,
         pp_microbatches=p.pp_microbatches,
         set_sync=set_sync,
+        z_loss=t.z_loss,
     )
     if mesh is not None and p.pp > 1:
         result.schedule = build_schedule(
-            wrapped, mesh["pp"], device, p.pp_microbatches, p.pp_schedule, t.grad_accum
+            wrapped,
+            mesh["pp"],
+            device,
+            p.pp_microbatches,
+            p.pp_schedule,
+            t.grad_accum,
+            t.z_loss,
+            result.z_record,
         )
         if spec.tied(cfg.model):
             result.tied_group = tied_weight_group(mesh)

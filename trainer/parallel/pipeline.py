@@ -20,11 +20,11 @@ import copy
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from trainer.models.loss import lm_loss
 from trainer.models.spec import ModelSpec
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -60,17 +60,27 @@ def build_schedule(
     microbatches: int,
     schedule: str,
     grad_accum: int,
+    z_loss: float,
+    z_record: list[torch.Tensor],
 ):
+    """The schedule of this stage. With z-loss on, the last stage's loss function appends each
+    training micro-batch's (cross-entropy, z term), divided like the loss, to `z_record`: the
+    schedule itself keeps only what backward saw, their sum. Evaluation (no grad) adds no z."""
     stage = PipelineStage(
         stage_module, pp_mesh.get_local_rank(), pp_mesh.size(), device, group=pp_mesh.get_group()
     )
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+        terms = lm_loss(logits, targets, z_loss if torch.is_grad_enabled() else 0.0)
         # Gradients become a mean over every micro-batch of the step, as one big batch's would.
         # (Not the schedule's scale_grads: it rescales all of .grad after each schedule step,
         # including what earlier accumulation steps left there.)
-        return loss / (microbatches * grad_accum)
+        divisor = microbatches * grad_accum
+        if terms.z is None:
+            return terms.ce / divisor
+        ce, z = terms.ce / divisor, terms.z / divisor
+        z_record.append(torch.stack([ce, z]).detach())
+        return ce + z_loss * z
 
     return SCHEDULES[schedule](stage, microbatches, loss_fn=loss_fn, scale_grads=False)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.models.attention import Documents, LayerCache, attend, compute_dtype, find_documents
+from trainer.models.loss import LossTerms, cross_entropy, lm_loss
 
 
 def ffn_hidden(cfg: ModelConfig) -> int:
@@ -234,8 +235,10 @@ class Llama(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: list[LayerCache] | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab), or the mean cross-entropy loss when `targets` are given.
+        z_loss: float | None = None,
+    ) -> torch.Tensor | LossTerms:
+        """Logits (B, T, vocab), or the mean cross-entropy loss when `targets` are given;
+        with `z_loss` too (training), the loss terms (trainer/models/loss.py).
 
         Targets equal to -100 are ignored. With `kv_cache`, `idx` continues the cached tokens.
         With `model.doc_mask` (and no cache) attention stays inside each document of `idx`,
@@ -261,7 +264,9 @@ class Llama(nn.Module):
         logits = self.lm_head(self.final_norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+        return (
+            cross_entropy(logits, targets) if z_loss is None else lm_loss(logits, targets, z_loss)
+        )
 
 
 def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
