@@ -246,7 +246,10 @@ def chunk_bounds(
         if end < 0 and cut and s.end > limit:  # no document ends within the window: cut
             end = cut_point(s, target, limit)
             s.read_to(end + 1)
-            inside = end < s.end  # a cut at the very end of the data is no cut
+            # No cut at the very end of the data, nor just past a separator (one that ends
+            # exactly at `target` is not "after" it, and cut_point may land there).
+            before = s.buf[max(0, end - len(separator) - s.offset) : end - s.offset]
+            inside = end < s.end and before != separator
         if end < 0:  # the data ends before the next separator: the rest is the last chunk
             s.read_to(1 << 62)
             end = s.end

@@ -49,7 +49,7 @@ def check(cfg: EvalJobConfig) -> None:
         raise ConfigError(f"device={cfg.device!r}: expected one of {', '.join(DEVICES)}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
-    hellaswag.check_file(cfg.eval.hellaswag)
+    hellaswag.check_file(cfg.eval.hellaswag, cfg.eval.hellaswag_examples)
 
 
 def parse(argv: list[str]) -> EvalJobConfig:

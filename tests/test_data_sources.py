@@ -97,7 +97,9 @@ def test_dlt_train_on_a_named_dataset_without_validation(other_dataset, tmp_path
 
 def flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0x01  # inside the token data, not the .npy header: ids stay in range
+    # The low byte of the last-but-one uint16 token (a letter or digit; the last is the EOT):
+    # inside the token data, not the .npy header, and the id stays in range.
+    data[-4] ^= 0x01
     path.write_bytes(bytes(data))
 
 
@@ -115,8 +117,9 @@ def test_verifier_finds_a_changed_shard_and_fails_every_later_read(bytes_dataset
     hashes = [e["sha256"] for e in entries]
     intact = ShardVerifier(files, hashes)
     intact.require(len(files) - 1)
+    intact._thread.join(timeout=30)  # the background pass, started by that read
+    assert intact.all_verified
     intact.close()
-    assert intact.all_verified or not intact._thread  # the background pass may still run
     flip_a_byte(files[2])
     broken = ShardVerifier(files, hashes, background=False)
     broken.require(0)  # an intact shard, before the damage is found
@@ -130,6 +133,8 @@ def test_background_verification_covers_every_shard(bytes_dataset):
     entries = json.loads((bytes_dataset / MANIFEST).read_text())["splits"]["train"]["shards"]
     files = [bytes_dataset / e["file"] for e in entries]
     verifier = ShardVerifier(files, [e["sha256"] for e in entries])
+    assert verifier._thread is None  # nothing runs before the first read
+    verifier.require(0)
     verifier._thread.join(timeout=30)
     assert verifier.all_verified
     assert verifier.bytes_hashed == sum(f.stat().st_size for f in files)

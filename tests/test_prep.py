@@ -295,8 +295,12 @@ def test_chunk_bounds_property(monkeypatch, block, separator, cut):
                 cuts += 1
                 assert cut and (first < 0 or first >= limit) and len(data) > limit
                 assert b.end == expected_cut(data, target, limit)
-            elif b is not bounds[-1]:
-                assert first == b.end - n and (not cut or first < limit)
+            elif b is not bounds[-1] and first == b.end - n:  # the first document end
+                assert not cut or first < limit
+            elif b is not bounds[-1]:  # a cut that fell just past a separator ending at target
+                assert cut and (first < 0 or first >= limit)
+                assert b.end == target == expected_cut(data, target, limit)
+                assert data[b.end - n : b.end] == separator
             else:  # the last chunk: the rest, whole
                 assert first < 0 or first + n == len(data)
                 if cut and first < 0 and len(data) > limit:  # a cut at the very end: no cut

@@ -344,3 +344,17 @@ def test_hf_hub_name_offline_is_one_line(tmp_path, capsys, monkeypatch):
     line = assert_one_line_error(code, err)
     assert f"data.input: {spec}: cannot stream it from the Hugging Face hub" in line
     assert "save_to_disk" in line and "hf-disk:DIR" in line
+
+
+def test_a_chunk_ending_exactly_at_a_separator_is_not_a_cut():
+    """A separator that ends exactly at start + chunk_bytes, then no separator for a whole
+    chunk: the chunk ends at that document end, which is not a cut inside a document."""
+    import io
+
+    separator = EOT.encode()
+    data = b"a" * (20 - len(separator)) + separator + b"b" * 50
+    bounds, size, _ = sources.chunk_bounds(io.BytesIO(data), separator, 20)
+    assert size == len(data)
+    assert (bounds[0].start, bounds[0].end, bounds[0].ends_inside) == (0, 20, False)
+    assert [b.ends_inside for b in bounds[1:-1]] == [True] * (len(bounds) - 2)  # real cuts
+    assert bounds[-1].end == len(data) and not bounds[-1].ends_inside

@@ -397,7 +397,10 @@ def check_fields(cfg: Config) -> None:
         _positive(cfg, "data.vocab_size")
         _require(not cfg.data.mix, "data.mix: a mixture is of shard datasets (data.kind=shards)")
     else:
-        _require(bool(cfg.data.path), "data.path: data.kind=shards needs the dataset folder")
+        _require(
+            bool(cfg.data.path or cfg.data.mix),
+            "data.path: data.kind=shards needs the dataset folder (or data.mix, several)",
+        )
     check_mix(cfg.data.mix)
     _positive(cfg, "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
     _positive(cfg, "train.micro_batch_size", "train.grad_accum")
@@ -737,7 +740,7 @@ def check_inputs(cfg: Config) -> None:
         from trainer.evals.hellaswag import check_file
 
         try:
-            check_file(cfg.eval.hellaswag)
+            check_file(cfg.eval.hellaswag, cfg.eval.hellaswag_examples)
         except DatasetError as err:
             raise ConfigError(f"eval.hellaswag: {err}") from None
     if cfg.eval.interval > 0 and has_split(cfg, "val"):  # none: the run says validation is off

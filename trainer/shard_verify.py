@@ -5,7 +5,7 @@ still makes valid-looking token ids, so sizes and id ranges do not catch it: onl
 recorded at prep time does. Hashing a 100 GB dataset takes a minute or more, so it must not
 delay the first step:
 
-- a background thread hashes the shards one after another from the moment training starts;
+- a background thread hashes the shards one after another from the first read on;
 - a read of a shard that is not verified yet verifies it first, in the reading thread (the
   loader's prefetch thread), so the first batches wait only for the shards they touch;
 - the first mismatch found, by either, fails every later read: the run stops at its next
@@ -39,10 +39,8 @@ class ShardVerifier:
         self.failure: str | None = None  # the first mismatch found
         self.bytes_hashed = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if background and self.files:
-            self._thread = threading.Thread(target=self._verify_all, daemon=True, name="verify")
-            self._thread.start()
+        self._background = background and bool(self.files)
+        self._thread: threading.Thread | None = None  # started by the first read
 
     @property
     def all_verified(self) -> bool:
@@ -51,6 +49,7 @@ class ShardVerifier:
     def require(self, shard: int) -> None:
         """Return once shard `shard` is verified; raise :class:`DatasetError` if it, or any
         shard checked so far, does not match the manifest."""
+        self._start_background()
         while not self._verified[shard] and self.failure is None:
             if self._claim(shard):
                 self._verify(shard, stoppable=False)
@@ -66,6 +65,15 @@ class ShardVerifier:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _start_background(self) -> None:
+        """The background pass starts with the first read (a run that fails before it reads
+        leaves no thread behind)."""
+        with self._changed:
+            if not self._background or self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._verify_all, daemon=True, name="verify")
+            self._thread.start()
 
     def _claim(self, shard: int) -> bool:
         with self._changed:

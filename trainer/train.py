@@ -122,6 +122,7 @@ def train(
     if world.is_main:
         prepare_run_dir(cfg, run_dir)
 
+    questions = hellaswag.examples_for_run(cfg)  # None: eval.hellaswag is off
     parts = build_parts(cfg, world, device)
     module, optimizer = parts.pm.module, parts.optimizer
     state = TrainState(origin=start.origin)
@@ -133,7 +134,6 @@ def train(
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
     meter = StepMeter(cfg, parts.n_params, device, world.size, state)
-    questions = hellaswag.examples_for_run(cfg)  # None: eval.hellaswag is off
     log.print(banner(cfg, world, device, parts.n_params, meter, start, load_s))
     if cfg.eval.interval > 0 and parts.val_source is None:
         log.print(f"validation off: {no_validation_split(cfg)}")
