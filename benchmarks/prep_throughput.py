@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{ours_tokens:,} tokens; both pipelines produce the same tokens; chunk_mb=8; "
             f"threads: one per process (tiktoken), OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; load average before the run "
-            f"{load:.1f} (other jobs on the machine)",
+            f"{load:.1f}" + (" (other jobs on the machine)" if load > 1 else " (a quiet machine)"),
             table,
         )
     print(f"appended to {RESULTS}" if not args.no_write else "")
