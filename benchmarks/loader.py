@@ -88,6 +88,7 @@ def first_batch_s(folder: Path, verify: bool, micro_batch: int) -> tuple[float, 
 
 
 def windows_per_s(source, seconds: float) -> float:
+    """Random-order samples/s read from `source` for about `seconds`."""
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         source.sample(n)

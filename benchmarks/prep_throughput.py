@@ -126,14 +126,10 @@ def run_one_document(path: Path, tmp: Path, workers: int) -> tuple[list[tuple], 
 
 
 def loader_windows_per_s(folder: Path, seconds: float = 3.0) -> float:
+    from benchmarks.loader import windows_per_s
     from trainer.data import ShardTokens
 
-    source = ShardTokens(folder, "train", seq_len=1024, seed=0)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        source.sample(n)
-        n += 1
-    return n / (time.perf_counter() - start)
+    return windows_per_s(ShardTokens(folder, "train", seq_len=1024, seed=0), seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
