@@ -45,9 +45,7 @@ def local_positions(seq_len: int, rank: int, cp: int, device: torch.device) -> t
     """(seq_len / cp,) the positions in the whole sequence of the tokens `rank` holds."""
     size = seq_len // (2 * cp)
     head, tail = chunk_ids(rank, cp)
-    return torch.cat(
-        [torch.arange(c * size, (c + 1) * size, device=device) for c in (head, tail)]
-    )
+    return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in (head, tail)])
 
 
 class GatherSequence(torch.autograd.Function):
