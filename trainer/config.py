@@ -656,7 +656,7 @@ def check_layout(cfg: Config) -> None:
             f"parallel.pp_microbatches={p.pp_microbatches} must divide "
             f"train.micro_batch_size={cfg.train.micro_batch_size}",
         )
-    plain_ddp = p.dp_replicate > 1 and p.dp_shard == 1
+    plain_ddp = p.dp_replicate > 1 and p.dp_shard == 1 and p.cp == 1  # cp>1: FSDP
     _require(
         not (p.tp > 1 and plain_ddp),
         "parallel: tensor parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
@@ -667,7 +667,7 @@ def check_layout(cfg: Config) -> None:
         "parallel: pipeline parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
         "supported; use dp_shard (FSDP) for the data-parallel part",
     )
-    sharded = p.dp_shard > 1 or p.tp > 1 or p.pp > 1
+    sharded = p.dp_shard > 1 or p.cp > 1 or p.tp > 1 or p.pp > 1
     _require(
         not (cfg.precision == "fp16" and sharded),
         "precision=fp16 works with single/DDP layouts only; use bf16",

@@ -30,7 +30,7 @@ from trainer.parallel.activation_checkpointing import apply_activation_checkpoin
 from trainer.parallel.context_parallel import ContextParallel
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
-from trainer.parallel.mesh import Layout, build_layout, ddp_mesh, fsdp_mesh
+from trainer.parallel.mesh import Layout, build_layout, fsdp_mesh
 from trainer.parallel.pipeline import (
     build_schedule,
     split_model,
@@ -173,15 +173,15 @@ def parallelize(
     set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
     if p.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.fsdp_cpu_offload=true needs GPUs: it offloads GPU memory")
-    if mesh is not None and p.dp_shard > 1:
+    if mesh is not None and p.dp_shard * p.cp > 1:  # cp: FSDP over dp_shard x cp
         dp_mesh = fsdp_mesh(mesh, p)
         param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
         apply_fsdp(
             model, blocks, dp_mesh, p.fsdp_reshard_after_forward, param_dtype, p.fsdp_cpu_offload
         )
         set_sync = lambda sync: set_fsdp_sync(model, sync)  # noqa: E731
-    elif mesh is not None and p.dp_replicate * p.cp > 1:
-        wrapped = apply_ddp(model, ddp_mesh(mesh, p), p.ddp_bucket_mb)
+    elif mesh is not None and p.dp_replicate > 1:
+        wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb)
         set_sync = lambda sync: set_ddp_sync(wrapped, sync)  # noqa: E731
     result = ParallelModel(
         model,

@@ -12,9 +12,9 @@ rank holds one cheap and one expensive chunk (cp=2: rank 0 holds chunks 0 and 3,
 chunks 1 and 2). Positions (GPT-2's table, Llama's rotations) use each token's true place.
 
 The loss of a rank is the mean over its tokens; every rank holds the same number of them, so
-the mean over the ranks (gradients averaged by DDP or FSDP over dp x cp) is the mean over the
-whole sequence. Parameters are replicated over `cp` (DDP) or sharded over dp_shard x cp
-(FSDP), as torchtitan does. See docs/context_parallel.md.
+the mean over the ranks (gradients averaged by FSDP over dp_shard x cp) is the mean over the
+whole sequence. Parameters are sharded over dp_shard x cp, as torchtitan does (mesh.py).
+See docs/context_parallel.md.
 
 PyTorch's own `torch.distributed.tensor.experimental.context_parallel` patches only the CUDA
 SDPA kernels (flash, efficient, cuDNN): on CPU (torch 2.13) it fails with "aten.

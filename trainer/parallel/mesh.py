@@ -9,7 +9,8 @@ layers. The innermost dimension (tp) gets neighbouring ranks, i.e. the fastest l
 (then cp: it communicates every layer too).
 
 For the parameters, cp ranks are data-parallel ranks (each computes gradients from other
-tokens): gradients are averaged over dp x cp, and FSDP shards over dp_shard x cp.
+tokens): with cp > 1 FSDP shards them over dp_shard x cp (with dp_shard=1: over cp) and
+averages the gradients there, as torchtitan does; DDP is not used with cp.
 """
 
 from __future__ import annotations
@@ -59,10 +60,3 @@ def fsdp_mesh(mesh: DeviceMesh, p: ParallelConfig) -> DeviceMesh:
         shard = "dp_shard_cp"
         mesh["dp_shard", "cp"]._flatten(shard)  # one dimension of dp_shard * cp ranks
     return mesh["dp_replicate", shard] if p.dp_replicate > 1 else mesh[shard]
-
-
-def ddp_mesh(mesh: DeviceMesh, p: ParallelConfig) -> DeviceMesh:
-    """What DDP all-reduces gradients over: dp_replicate (x cp)."""
-    if p.cp == 1:
-        return mesh["dp_replicate"]
-    return mesh["dp_replicate", "cp"]._flatten("dp_replicate_cp")
