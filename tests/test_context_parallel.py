@@ -49,14 +49,9 @@ LAYOUTS = {  # every one trains the global batch of 4 samples per step
     "cp2_actckpt": Job(2, parallel("cp"), {"activation_checkpointing": True}),
     "cp4": Job(4, parallel("cp")),  # 8 chunks of 4 tokens
     "cp2_fsdp2": Job(4, parallel("cp", cp=2, dp_shard=2), {"micro_batch_size": 2}),
-    "llama_cp2_fsdp2": Job(
-        4,
-        parallel("cp", cp=2, dp_shard=2),
-        {"micro_batch_size": 2},
-        model=LLAMA,
-        ref="llama_single",
-    ),
     "cp2_tp2": Job(4, parallel("cp", cp=2, tp=2)),
+    # HSDP: parameters sharded over cp, replicated over dp_replicate
+    "cp2_hsdp": Job(4, parallel("cp", cp=2, dp_replicate=2), {"micro_batch_size": 2}),
 }
 STOPPED = {"cp2_stop3": Job(2, parallel("cp"), stop_at=RESUME_AT)}
 # A copy of single_stop3's run directory, continued on 2 CP ranks (resume=auto).

@@ -55,8 +55,8 @@ def build_layout(cfg: Config, device_type: str, world_size: int) -> Layout:
 
 def fsdp_mesh(mesh: DeviceMesh, p: ParallelConfig) -> DeviceMesh:
     """What FSDP shards over: dp_shard (x cp), replicated over dp_replicate when > 1 (HSDP)."""
-    shard = "dp_shard"
-    if p.cp > 1:
-        shard = "dp_shard_cp"
-        mesh["dp_shard", "cp"]._flatten(shard)  # one dimension of dp_shard * cp ranks
-    return mesh["dp_replicate", shard] if p.dp_replicate > 1 else mesh[shard]
+    if p.cp == 1:
+        return mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
+    flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # one dimension: dp_shard * cp ranks
+    # (HSDP: sliced from the root mesh beside dp_replicate, which torch 2.13 warns about)
+    return mesh["dp_replicate", "dp_shard_cp"] if p.dp_replicate > 1 else flat
