@@ -173,3 +173,11 @@ def test_bad_context_parallel_layout_is_a_config_error(tmp_path, world, layout, 
 def test_cp_preset_takes_the_whole_world(tmp_path):
     cfg = load_config(config(tmp_path / "run", parallel("cp")), world_size=4)
     assert (cfg.parallel.cp, cfg.parallel.dp_size, cfg.parallel.world_size) == (4, 1, 4)
+
+
+def test_context_parallel_refuses_hellaswag_during_training(tmp_path):
+    cfg = config(tmp_path / "run", {"cp": 2})
+    cfg["data"] = {"kind": "shards", "path": str(tmp_path / "data")}  # load_config reads no file
+    cfg["eval"] = {"interval": 5, "hellaswag": str(tmp_path / "hellaswag.jsonl")}
+    with pytest.raises(ConfigError, match=r"parallel\.cp=2: .* eval\.hellaswag"):
+        load_config(cfg, world_size=2)
