@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,7 +97,9 @@ class ParallelModel:
             self._run_pipeline(x, y, losses, train=False)
         return torch.stack(losses).mean() * self.loss_divisor if losses else None
 
-    def _local_tokens(self, x, y) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def _local_tokens(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, contextlib.AbstractContextManager]:
         """The tokens this rank computes, and the context to run them in: under context
         parallel its part of every sequence (the loss is then the mean over its tokens, and
         the mean of those over the cp group is the whole sequence's)."""
