@@ -30,6 +30,8 @@ def layouts(n: int, micro: int) -> list[tuple[str, int, list[str]]]:
         (f"FSDP x{n}", n, ["parallel=fsdp", f"train.micro_batch_size={per_rank}"]),
         (f"ZeRO-2 x{n}", n, ["parallel=zero2", f"train.micro_batch_size={per_rank}"]),
         (f"TP x{n}", n, ["parallel=tp", f"train.micro_batch_size={micro}"]),
+        # every rank reads the whole batch and computes 1/n of each sequence
+        (f"CP x{n}", n, ["parallel=cp", f"train.micro_batch_size={micro}"]),
         (
             f"PP x{n} (1F1B)",
             n,

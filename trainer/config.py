@@ -38,7 +38,7 @@ CONFIG_MODULE = "cluster_configs"  # the YAML tree, shipped as a package
 PRECISIONS = ("fp32", "bf16", "fp16")
 PP_SCHEDULES = ("gpipe", "1f1b")
 WANDB_MODES = ("disabled", "offline", "online")
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp", "pp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("dummy", "shards")
@@ -193,6 +193,7 @@ class ParallelConfig:
     dp_shard: int  # FSDP2
     tp: int  # tensor parallel
     pp: int  # pipeline parallel
+    cp: int  # context parallel: each sequence split over this many ranks
     ddp_bucket_mb: int
     fsdp_reshard_after_forward: bool  # False: ZeRO-2 style (no re-gather in backward)
     fsdp_cpu_offload: bool
@@ -201,7 +202,7 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
 
     @property
     def dp_size(self) -> int:
@@ -531,7 +532,14 @@ def derive(cfg: Config, world_size: int) -> Config:
     `train.global_batch_size`, a dummy dataset's vocabulary for the model."""
     p = auto_sizes(cfg.parallel, world_size)
     cfg = replace(cfg, parallel=p)
-    _positive(cfg, "parallel.dp_replicate", "parallel.dp_shard", "parallel.tp", "parallel.pp")
+    _positive(
+        cfg,
+        "parallel.dp_replicate",
+        "parallel.dp_shard",
+        "parallel.cp",
+        "parallel.tp",
+        "parallel.pp",
+    )
     if cfg.data.kind == "dummy" and cfg.model.vocab_size is None:
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.data.vocab_size))
     t = cfg.train
@@ -578,7 +586,7 @@ def check_combinations(cfg: Config, world_size: int) -> None:
     check_documents(cfg)
     _require(
         p.world_size == world_size,
-        f"parallel: dp_replicate*dp_shard*tp*pp = {p.world_size} must equal the world size "
+        f"parallel: dp_replicate*dp_shard*cp*tp*pp = {p.world_size} must equal the world size "
         f"{world_size}",
     )
     if cfg.eval.hellaswag:
@@ -648,7 +656,7 @@ def check_layout(cfg: Config) -> None:
             f"parallel.pp_microbatches={p.pp_microbatches} must divide "
             f"train.micro_batch_size={cfg.train.micro_batch_size}",
         )
-    plain_ddp = p.dp_replicate > 1 and p.dp_shard == 1
+    plain_ddp = p.dp_replicate > 1 and p.dp_shard == 1 and p.cp == 1  # cp>1: FSDP
     _require(
         not (p.tp > 1 and plain_ddp),
         "parallel: tensor parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
@@ -659,7 +667,7 @@ def check_layout(cfg: Config) -> None:
         "parallel: pipeline parallel with plain DDP (dp_replicate>1, dp_shard=1) is not "
         "supported; use dp_shard (FSDP) for the data-parallel part",
     )
-    sharded = p.dp_shard > 1 or p.tp > 1 or p.pp > 1
+    sharded = p.dp_shard > 1 or p.cp > 1 or p.tp > 1 or p.pp > 1
     _require(
         not (cfg.precision == "fp16" and sharded),
         "precision=fp16 works with single/DDP layouts only; use bf16",
@@ -668,11 +676,32 @@ def check_layout(cfg: Config) -> None:
         not (cfg.train.compile and p.pp > 1),
         "train.compile=true is not supported with pipeline parallel (pp>1)",
     )
+    if p.cp > 1:
+        check_context_parallel(cfg)
     _require(
         not (m.doc_mask and p.pp > 1),
         f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "
         "later stages receive hidden states, not the token ids the mask is built from",
     )
+
+
+def check_context_parallel(cfg: Config) -> None:
+    """What context parallel (parallel.cp > 1) needs and what it does not combine with."""
+    p, m = cfg.parallel, cfg.model
+    key = f"parallel.cp={p.cp}"
+    _require(
+        m.block_size % (2 * p.cp) == 0,
+        f"{key}: model.block_size={m.block_size} must be divisible by 2*cp={2 * p.cp} (each "
+        "rank holds two equal chunks of every sequence)",
+    )
+    refusals = [
+        (p.pp > 1, f"pipeline parallel (parallel.pp={p.pp})"),
+        (m.doc_mask, "model.doc_mask=true (the document mask would have to span the ranks)"),
+        (m.dropout > 0, f"model.dropout={m.dropout} (its attention has no dropout; set 0)"),
+        (bool(cfg.eval.hellaswag), "eval.hellaswag (score a checkpoint with dlt-eval)"),
+    ]
+    for refused, what in refusals:
+        _require(not refused, f"{key}: context parallel is not supported with {what}")
 
 
 def with_dataset(cfg: Config) -> Config:

@@ -284,5 +284,6 @@ def _global_batch(config: dict[str, Any]) -> int | None:
 
 
 def _layout(config: dict[str, Any]) -> str:
-    dims = ("pp", "dp_replicate", "dp_shard", "tp")
-    return " ".join(f"{d}={_get(config, 'parallel.' + d)}" for d in dims)
+    dims = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+    # A size a config does not name (cp, in checkpoints from before it existed) was 1.
+    return " ".join(f"{d}={_get(config, 'parallel.' + d) or 1}" for d in dims)

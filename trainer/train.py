@@ -492,7 +492,7 @@ def banner(
     return (
         f"run {cfg.run.dir} | model {n_params / 1e6:.2f}M params | {world.size} x "
         f"{device.type}{threads} | mesh pp={p.pp} dp_replicate={p.dp_replicate} "
-        f"dp_shard={p.dp_shard} tp={p.tp} | precision {cfg.precision} | "
+        f"dp_shard={p.dp_shard} cp={p.cp} tp={p.tp} | precision {cfg.precision} | "
         f"{meter.tokens_per_step:,} tokens/step | {origin}"
     )
 

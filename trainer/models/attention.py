@@ -18,11 +18,17 @@ it; which kernel applies the mask is decided there too:
     CUDA otherwise                                  FlexAttention (compiled), a block mask
                                                     that skips the blocks no query may see
 The two CUDA paths were written without a GPU to run them on (docs/models.md).
+
+Context parallel (`parallel.cp`): inside :func:`sequence_shard` a forward runs on one rank's
+part of each sequence; attention then asks the shard's `attend` (trainer/parallel/
+context_parallel.py) and positions are the tokens' true ones (:func:`token_positions`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +66,38 @@ class Documents:
     block_mask: Any = None  # FlexAttention: a BlockMask
     cu_seqlens: torch.Tensor | None = None  # flash varlen: int32 starts of the flat sequences
     max_seqlen: int = 0  # flash varlen: the longest of them
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """Context parallel: this rank holds only some tokens of every sequence."""
+
+    positions: torch.Tensor  # (T_local,) each local token's position in the whole sequence
+    # causal attention of the local q (B, T, H, D) over the whole sequence's keys and values
+    # (given the local k, v (B, T, H_kv, D)); returns (B, T, H * D)
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_shard: SequenceShard | None = None  # set for a whole step: recomputation runs in backward
+
+
+@contextlib.contextmanager
+def sequence_shard(shard: SequenceShard) -> Iterator[None]:
+    """Run the model on `shard`'s tokens (forward and backward inside)."""
+    global _shard
+    _shard, previous = shard, _shard
+    try:
+        yield
+    finally:
+        _shard = previous
+
+
+def token_positions(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """(length,) positions of the tokens of a forward: start, start+1, ... or, under context
+    parallel, the true positions of this rank's tokens."""
+    if _shard is not None:
+        return _shard.positions
+    return torch.arange(start, start + length, device=device)
 
 
 def flash_available(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
@@ -167,6 +205,8 @@ def attend(
     """Causal attention of `q` (B, T, H, D) over `k`, `v` (B, T, H_kv, D), continuing `cache`
     when given, inside each document of `docs` when given; returns (B, T, H * D)."""
     B, T = q.shape[:2]
+    if _shard is not None and cache is None:  # context parallel (no doc_mask, no dropout)
+        return _shard.attend(q, k, v)
     if docs is not None:
         return attend_documents(q, k, v, docs, dropout_p)
     if cache is None and use_flash_attention(cfg, q):

@@ -4,6 +4,7 @@
 
     pipeline split (pp) -> tensor parallel (tp) -> activation checkpointing -> compile
     -> FSDP2 (dp_shard, with dp_replicate: HSDP) or DDP (dp_replicate only)
+    (context parallel (cp) changes no module: each micro-batch runs on this rank's tokens)
 
 and returns a :class:`ParallelModel`: the training loop calls `forward_backward` per
 micro-batch and `clip_grad_norm`, whatever the layout. See docs/parallelism.md.
@@ -11,6 +12,7 @@ micro-batch and `clip_grad_norm`, whatever the layout. See docs/parallelism.md.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,9 +26,10 @@ from trainer.models import spec_of
 from trainer.models.loss import LossTerms
 from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
+from trainer.parallel.context_parallel import ContextParallel
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
-from trainer.parallel.mesh import Layout, build_layout
+from trainer.parallel.mesh import Layout, build_layout, fsdp_mesh
 from trainer.parallel.pipeline import (
     build_schedule,
     split_model,
@@ -54,6 +57,7 @@ class ParallelModel:
     set_sync: Callable[[bool], None] = field(default=lambda sync: None)
     z_loss: float = 0.0  # train.z_loss: the weight of the z term in the training loss
     z_record: list[torch.Tensor] = field(default_factory=list)  # pp: (ce, z) per micro-batch
+    cp: ContextParallel | None = None  # cp > 1: each sequence split over the cp group
 
     def forward_backward(self, x, y, sync: bool, scaler, autocast) -> LossTerms | None:
         """One micro-batch: forward, backward, gradients accumulate. Returns the mean loss
@@ -63,9 +67,11 @@ class ParallelModel:
         `sync=False` skips the gradient all-reduce / reduce-scatter (accumulation steps)."""
         self.set_sync(sync)
         if self.schedule is None:
-            with autocast:
-                terms = self.wrapped(x, y, z_loss=self.z_loss)
-            scaler.scale(terms.objective(self.z_loss) / self.grad_accum).backward()
+            x, y, sequence = self._local_tokens(x, y)
+            with sequence:  # around backward too: activation checkpointing recomputes there
+                with autocast:
+                    terms = self.wrapped(x, y, z_loss=self.z_loss)
+                scaler.scale(terms.objective(self.z_loss) / self.grad_accum).backward()
             return LossTerms(*(t if t is None else t.detach() for t in terms))
         losses: list[torch.Tensor] = []
         self.z_record.clear()
@@ -83,12 +89,24 @@ class ParallelModel:
     @torch.no_grad()
     def eval_loss(self, x, y, autocast) -> torch.Tensor | None:
         if self.schedule is None:
-            with autocast:
+            x, y, sequence = self._local_tokens(x, y)
+            with sequence, autocast:
                 return self.wrapped(x, y).detach()
         losses: list[torch.Tensor] = []
         with autocast:
             self._run_pipeline(x, y, losses, train=False)
         return torch.stack(losses).mean() * self.loss_divisor if losses else None
+
+    def _local_tokens(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, contextlib.AbstractContextManager]:
+        """The tokens this rank computes, and the context to run them in: under context
+        parallel its part of every sequence (the loss is then the mean over its tokens, and
+        the mean of those over the cp group is the whole sequence's)."""
+        if self.cp is None:
+            return x, y, contextlib.nullcontext()
+        local_x, local_y = self.cp.split(x, y)
+        return local_x, local_y, self.cp.running(x.size(1), x.device)
 
     @property
     def loss_divisor(self) -> float:
@@ -156,8 +174,8 @@ def parallelize(
     set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
     if p.fsdp_cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.fsdp_cpu_offload=true needs GPUs: it offloads GPU memory")
-    if mesh is not None and p.dp_shard > 1:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
+    if mesh is not None and p.dp_shard * p.cp > 1:  # cp: FSDP over dp_shard x cp
+        dp_mesh = fsdp_mesh(mesh, p)
         param_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
         apply_fsdp(
             model, blocks, dp_mesh, p.fsdp_reshard_after_forward, param_dtype, p.fsdp_cpu_offload
@@ -175,6 +193,7 @@ def parallelize(
         pp_microbatches=p.pp_microbatches,
         set_sync=set_sync,
         z_loss=t.z_loss,
+        cp=ContextParallel(mesh["cp"]) if mesh is not None and p.cp > 1 else None,
     )
     if mesh is not None and p.pp > 1:
         result.schedule = build_schedule(

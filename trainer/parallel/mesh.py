@@ -1,10 +1,16 @@
-"""The device mesh: every rank's place in the (pp, dp_replicate, dp_shard, tp) grid.
+"""The device mesh: every rank's place in the (pp, dp_replicate, dp_shard, cp, tp) grid.
 
-    world size = pp x dp_replicate x dp_shard x tp
+    world size = pp x dp_replicate x dp_shard x cp x tp
 
 Ranks that differ only in `tp` hold different slices of the same layers and see the same data;
+ranks that differ only in `cp` see the same samples but different parts of each sequence;
 ranks that differ in `dp_*` see different data; ranks that differ in `pp` hold different
-layers. The innermost dimension (tp) gets neighbouring ranks, i.e. the fastest links on a node.
+layers. The innermost dimension (tp) gets neighbouring ranks, i.e. the fastest links on a node
+(then cp: it communicates every layer too).
+
+For the parameters, cp ranks are data-parallel ranks (each computes gradients from other
+tokens): with cp > 1 FSDP shards them over dp_shard x cp (with dp_shard=1: over cp) and
+averages the gradients there, as torchtitan does; DDP is not used with cp.
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from trainer.config import Config
+from trainer.config import Config, ParallelConfig
 
-DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -24,8 +30,9 @@ class Layout:
 
     mesh: DeviceMesh | None
     pp_rank: int = 0
-    dp_rank: int = 0
+    dp_rank: int = 0  # which samples this rank reads (the same on every cp and tp rank)
     tp_rank: int = 0
+    cp_rank: int = 0
 
     @property
     def is_last_stage(self) -> bool:
@@ -40,8 +47,16 @@ def build_layout(cfg: Config, device_type: str, world_size: int) -> Layout:
     if world_size == 1:
         return Layout(None)
     p = cfg.parallel
-    mesh = init_device_mesh(
-        device_type, (p.pp, p.dp_replicate, p.dp_shard, p.tp), mesh_dim_names=DIMS
-    )
-    pp, rep, shard, tp = mesh.get_coordinate()
-    return Layout(mesh, pp_rank=pp, dp_rank=rep * p.dp_shard + shard, tp_rank=tp)
+    sizes = (p.pp, p.dp_replicate, p.dp_shard, p.cp, p.tp)
+    mesh = init_device_mesh(device_type, sizes, mesh_dim_names=DIMS)
+    pp, rep, shard, cp, tp = mesh.get_coordinate()
+    return Layout(mesh, pp_rank=pp, dp_rank=rep * p.dp_shard + shard, tp_rank=tp, cp_rank=cp)
+
+
+def fsdp_mesh(mesh: DeviceMesh, p: ParallelConfig) -> DeviceMesh:
+    """What FSDP shards over: dp_shard (x cp), replicated over dp_replicate when > 1 (HSDP)."""
+    if p.cp == 1:
+        return mesh["dp_replicate", "dp_shard"] if p.dp_replicate > 1 else mesh["dp_shard"]
+    flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # one dimension: dp_shard * cp ranks
+    # (HSDP: sliced from the root mesh beside dp_replicate, which torch 2.13 warns about)
+    return mesh["dp_replicate", "dp_shard_cp"] if p.dp_replicate > 1 else flat

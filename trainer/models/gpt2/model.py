@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.attention import Documents, LayerCache, attend, compute_dtype, find_documents
+from trainer.models.attention import (
+    Documents,
+    LayerCache,
+    attend,
+    compute_dtype,
+    find_documents,
+    token_positions,
+)
 from trainer.models.loss import LossTerms, cross_entropy, lm_loss
 
 
@@ -139,7 +146,7 @@ class GPT(nn.Module):
             if docs is not None and docs.positions is not None:
                 pos = docs.positions  # (B, T): each document from position 0
             else:
-                pos = torch.arange(start, start + T, device=idx.device)
+                pos = token_positions(start, T, idx.device)  # (context parallel: its own)
             x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         else:
             x, docs = idx, None  # (doc_mask is refused under pipeline parallel)

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.attention import Documents, LayerCache, attend, compute_dtype, find_documents
+from trainer.models.attention import (
+    Documents,
+    LayerCache,
+    attend,
+    compute_dtype,
+    find_documents,
+    token_positions,
+)
 from trainer.models.loss import LossTerms, cross_entropy, lm_loss
 
 
@@ -95,10 +102,10 @@ class Rotary(nn.Module):
         neighbours (2i, 2i+1) instead; transformers' converter permutes the q/k weights into
         this layout, so with the same convention here our conversion is a plain copy.
         """
-        if positions is None:
-            T = x.size(1)
-            cos = self.cos[start : start + T, None, :].to(x.dtype)  # (T, 1, head_dim / 2)
-            sin = self.sin[start : start + T, None, :].to(x.dtype)
+        if positions is None:  # (context parallel: this rank's tokens' true positions)
+            pos = token_positions(start, x.size(1), x.device)
+            cos = self.cos[pos, None, :].to(x.dtype)  # (T, 1, head_dim / 2)
+            sin = self.sin[pos, None, :].to(x.dtype)
         else:
             cos = self.cos[positions][:, :, None, :].to(x.dtype)  # (B, T, 1, head_dim / 2)
             sin = self.sin[positions][:, :, None, :].to(x.dtype)
