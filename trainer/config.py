@@ -665,10 +665,6 @@ def check_layout(cfg: Config) -> None:
         "precision=fp16 works with single/DDP layouts only; use bf16",
     )
     _require(
-        not (cfg.train.compile and p.pp > 1),
-        "train.compile=true is not supported with pipeline parallel (pp>1)",
-    )
-    _require(
         not (m.doc_mask and p.pp > 1),
         f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "
         "later stages receive hidden states, not the token ids the mask is built from",
