@@ -138,12 +138,14 @@ def run_jobs(
     jobs: list[tuple[str, dict, int | None]],
     status: Path,
     timeout_per_job_s: float = 120.0,
+    worker: Callable[[int, list, str], None] = train_jobs_worker,
 ) -> dict[str, str]:
     """Run training jobs `(name, cfg, stop_at)` on `world_size` processes, paying the start-up
     of the processes (importing torch, ~3 s each on 2 cores) once for all of them.
 
     A failing (or hung) job is recorded and the processes are restarted for the jobs after it,
     so one broken layout does not take the others down. Returns {name: error} of the failures.
+    `worker` runs the jobs in each process (a `train_jobs_worker` that also records more).
     """
     status.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
@@ -152,7 +154,7 @@ def run_jobs(
         try:
             spawn(
                 world_size,
-                train_jobs_worker,
+                worker,
                 pending,
                 str(status),
                 timeout_s=timeout_per_job_s,

@@ -672,10 +672,6 @@ def check_layout(cfg: Config) -> None:
         not (cfg.precision == "fp16" and sharded),
         "precision=fp16 works with single/DDP layouts only; use bf16",
     )
-    _require(
-        not (cfg.train.compile and p.pp > 1),
-        "train.compile=true is not supported with pipeline parallel (pp>1)",
-    )
     if p.cp > 1:
         check_context_parallel(cfg)
     _require(

@@ -26,6 +26,7 @@ from trainer.models import spec_of
 from trainer.models.loss import LossTerms
 from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
+from trainer.parallel.compile import apply_compile
 from trainer.parallel.context_parallel import ContextParallel
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
@@ -168,8 +169,7 @@ def parallelize(
     if t.activation_checkpointing:
         apply_activation_checkpointing(blocks)
     if t.compile:
-        for block in blocks.values():
-            block.compile()  # in place: parameter names stay the same
+        apply_compile(blocks)
     wrapped: nn.Module = model
     set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
     if p.fsdp_cpu_offload and device.type != "cuda":
