@@ -131,9 +131,9 @@ def test_checkpoint_holds_the_full_models_names(runs):
     both stages of each rank, the tied weight as tok_emb (rank 0) and lm_head (rank 1)."""
     ckpt = checkpoint.latest(runs.dir("interleaved"))
     keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata.keys()
-    blocks = {k.split(".")[2] for k in keys if k.startswith("model.blocks.")}
-    assert blocks == {"0", "1", "2", "3"}
-    assert {"model.tok_emb.weight", "model.lm_head.weight", "model.ln_f.weight"} <= set(keys)
+    model = {k.removeprefix("app.model.") for k in keys if k.startswith("app.model.")}
+    assert {k.split(".")[1] for k in model if k.startswith("blocks.")} == {"0", "1", "2", "3"}
+    assert {"tok_emb.weight", "lm_head.weight", "ln_f.weight"} <= model
 
 
 # --- checkpoints move between layouts ------------------------------------------------------
