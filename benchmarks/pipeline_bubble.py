@@ -6,14 +6,15 @@ Each rank times its stages' compute actions by wrapping the `PipelineStage` meth
 backward, and the zero-bubble schedules' separate weight backward); the rest of its step is
 idle (waiting for a neighbour, sending):
 
-    bubble(rank) = 1 - busy(rank) / step time        (mean over ranks and timed steps)
+    bubble(rank) = 1 - busy(rank) / step time        (median over the timed steps)
 
 The theory, from the measured mean action times t_F (forward), t_B = t_I + t_W (backward: the
 input gradient, then the weight gradient), m micro-batches, V stages per rank:
 
     gpipe, 1f1b:      (pp-1)(t_F + t_B)      / V=1   idle per rank per step
     interleaved_1f1b: (pp-1)(t_F + t_B)      / V
-    zero_bubble:      (pp-1)(t_F + t_I - t_W) / V    (ZB-H1: weight gradients fill the rest)
+    zero_bubble:      (pp-1) max(0, t_F + t_I - t_W) / V   (ZB-H1: weight gradients fill
+                                                          the rest)
     fraction = idle / (m (t_F + t_B) + idle)
 
 `--diagram` prints the action grid of each multi-stage schedule (its own `pipeline_order`).
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import torch
@@ -127,12 +129,17 @@ def worker(rank: int, world: int, port: int, cfg: dict, steps: int, out: str) ->
     distributed.shutdown()
 
 
+COMPUTE = ("F", "B", "I", "W")  # forward, full backward, input / weight gradient
+
+
 def diagram(order: dict[int, list]) -> str:
-    """The schedule's compute actions per rank, one column per time slot (`.` = idle)."""
+    """The schedule's compute actions per rank, one column per time slot (`.` = idle), in
+    torch's notation: `2F0` = stage 2, forward, micro-batch 0."""
     rows = {
         rank: [
-            "." if a is None else f"{a.computation_type}{a.microbatch_index}s{a.stage_index}"
+            "." if a is None else repr(a)
             for a in actions
+            if a is None or a.computation_type.value in COMPUTE
         ]
         for rank, actions in order.items()
     }
@@ -145,7 +152,8 @@ def diagram(order: dict[int, list]) -> str:
 def theory(schedule: str, virtual: int, pp: int, m: int, t: dict[str, float]) -> float:
     f, i, w = t["F"], t.get("I", 0.0), t.get("W", 0.0)
     b = t.get("B", i + w)
-    idle = (pp - 1) * ((f + i - w) if schedule == "zero_bubble" else (f + b)) / virtual
+    per_stage = max(0.0, f + i - w) if schedule == "zero_bubble" else f + b
+    idle = (pp - 1) * per_stage / virtual
     return idle / (m * (f + b) + idle)
 
 
@@ -164,11 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     for label, schedule, virtual in SCHEDULES:
         result = run_schedule(args, schedule, virtual)
         ranks = result["ranks"]
-        measured = [1 - sum(r["busy"]) / sum(r["wall"]) for r in ranks]
+        measured = [
+            median(1 - b / w for b, w in zip(r["busy"], r["wall"], strict=True)) for r in ranks
+        ]
         kinds = ranks[0]["action_s"].keys()
         times = {k: sum(r["action_s"][k] for r in ranks) / len(ranks) for k in kinds}
         expected = theory(schedule, virtual, args.pp, args.microbatches, times)
-        step_ms = 1000 * max(sum(r["wall"]) / len(r["wall"]) for r in ranks)
+        step_ms = 1000 * max(median(r["wall"]) for r in ranks)
         per_rank = ", ".join(f"{100 * b:.0f}%" for b in measured)
         rows.append(
             f"| {label} | {step_ms:.0f} | {per_rank} | {100 * sum(measured) / len(measured):.0f}%"
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         command = "python -m benchmarks.pipeline_bubble " + " ".join(argv or [])
         details = (
             f"pp={args.pp}, {args.microbatches} micro-batches of {args.seqs} x 128 tokens, "
-            f"{args.layers} x {args.width} GPT, fp32, gloo, 1 thread per rank; mean of "
+            f"{args.layers} x {args.width} GPT, fp32, gloo, 1 thread per rank; median of "
             f"{args.steps} steps after 2 warm-up steps"
         )
         append_results("Pipeline bubble per schedule (CPU)", command, details, table)
