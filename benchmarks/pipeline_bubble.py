@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -121,10 +122,9 @@ def worker(rank: int, world: int, port: int, cfg: dict, steps: int, out: str) ->
             walls.append(wall)
             busies.append(sum(sum(t) for t in busy.values()))
     means = {k: sum(v) / len(v) for k, v in busy.items() if v}
-    order = getattr(schedule, "pipeline_order", None)
     result = {"wall": walls, "busy": busies, "action_s": means}
-    if rank == 0 and order:
-        result["diagram"] = diagram(order)
+    if rank == 0 and hasattr(schedule, "_stages"):  # multi-stage: it runs its pipeline_order
+        result["diagram"] = diagram(schedule.pipeline_order)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     distributed.shutdown()
 
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table)
     if args.write:
-        command = "python -m benchmarks.pipeline_bubble " + " ".join(argv or [])
+        given = sys.argv[1:] if argv is None else argv
+        command = " ".join(["python -m benchmarks.pipeline_bubble", *given])
         details = (
             f"pp={args.pp}, {args.microbatches} micro-batches of {args.seqs} x 128 tokens, "
             f"{args.layers} x {args.width} GPT, fp32, gloo, 1 thread per rank; median of "

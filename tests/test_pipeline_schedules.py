@@ -242,3 +242,16 @@ def test_presets_run_two_stages_per_rank(tmp_path):
         cfg = load_config(config(tmp_path / "run", parallel(name)), world_size=2)
         p = cfg.parallel
         assert (p.pp, p.pp_schedule, p.pp_virtual_stages) == (2, schedule, 2), name
+
+
+def test_bubble_theory_of_the_benchmark_is_the_documented_formula():
+    """(pp-1)/(M+pp-1) for GPipe/1F1B, V times less idle when interleaved, and ZB-H1's
+    (pp-1)(t_F + t_I - t_W) with the paper's equal unit costs (a third of 1F1B's idle)."""
+    from benchmarks.pipeline_bubble import theory
+
+    assert theory("1f1b", 1, 2, 4, {"F": 1.0, "B": 2.0}) == pytest.approx(1 / 5)
+    assert theory("gpipe", 1, 4, 8, {"F": 1.0, "B": 2.0}) == pytest.approx(3 / 11)
+    assert theory("interleaved_1f1b", 2, 2, 4, {"F": 1.0, "B": 2.0}) == pytest.approx(1 / 9)
+    unit = {"F": 1.0, "I": 1.0, "W": 1.0}
+    assert theory("zero_bubble", 1, 2, 4, unit) == pytest.approx(1 / 13)
+    assert theory("zero_bubble", 1, 2, 4, {"F": 1.0, "I": 1.0, "W": 3.0}) == 0.0
