@@ -9,12 +9,11 @@ and the output layer). The reference runs and helpers are those of test_distribu
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 import pytest
 import torch
-from multiproc import run_jobs, spawn, train_worker
+from multiproc import run_jobs
 from test_distributed import (
     LLAMA,
     LLAMA_TIED,
@@ -63,6 +62,15 @@ LAYOUTS: dict[str, Job] = {
     "llama_tied_zero_bubble": Job(2, zero_bubble(), model=LLAMA_TIED, ref="llama_tied_single"),
 }
 STOPPED = {"interleaved_stop3": Job(2, interleaved(), stop_at=RESUME_AT)}
+# Resumed from step 3 of another layout's run (`resume=` its checkpoint, a fresh run dir), in
+# the same process group after the run that wrote it.
+RESUMED = {
+    "fsdp_from_interleaved": (
+        Job(2, parallel("fsdp"), {"micro_batch_size": 2}),
+        "interleaved_stop3",
+    ),
+    "interleaved_from_single": (Job(2, interleaved()), "single_stop3"),
+}
 SINGLE = {
     "single": Job(1, {}),
     "single_stop3": Job(1, {}, stop_at=RESUME_AT),
@@ -81,6 +89,10 @@ def runs(tmp_path_factory) -> Runs:
         (name, job_config(result.root, name, job), job.stop_at)
         for name, job in {**LAYOUTS, **STOPPED}.items()
     ]
+    for name, (job, source) in RESUMED.items():
+        cfg = job_config(result.root, name, job)
+        cfg["resume"] = str(result.root / source / CHECKPOINTS / f"step_{RESUME_AT}")
+        group.append((name, cfg, None))
     result.failures |= run_jobs(2, group, result.root / "status_2")
     return result
 
@@ -140,26 +152,19 @@ def test_checkpoint_holds_the_full_models_names(runs):
 
 
 @pytest.mark.slow
-def test_interleaved_checkpoint_resumes_in_fsdp(runs, tmp_path):
-    """Stopped after step 3 on 2 ranks x 2 virtual stages, resumed on FSDP 2: steps 4-5 as
-    an uninterrupted one-process run."""
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(runs.dir("interleaved_stop3"), run_dir)
-    assert sorted(records(run_dir)) == [1, 2, 3]
-    spawn(2, train_worker, config(run_dir, parallel("fsdp"), micro_batch_size=2))
-    state = checkpoint.read_trainer_state(checkpoint.latest(run_dir))
-    assert (state["step"], state["config"]["parallel"]["dp_shard"]) == (STEPS, 2)
-    assert_close_per_step(records(run_dir), records(runs.dir("single")), "loss", LOSS_ATOL)
-
-
-@pytest.mark.slow
-def test_single_process_checkpoint_resumes_in_interleaved_pp(runs, tmp_path):
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(runs.dir("single_stop3"), run_dir)
-    spawn(2, train_worker, config(run_dir, interleaved()))
-    state = checkpoint.read_trainer_state(checkpoint.latest(run_dir))
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_checkpoint_resumes_exactly_in_another_layout(runs, name):
+    """Interleaved PP (2 ranks x 2 stages) stopped after step 3 -> FSDP 2, and one process
+    stopped after step 3 -> interleaved PP: steps 4-5 as an uninterrupted one-process run."""
+    job, source = RESUMED[name]
+    state = checkpoint.read_trainer_state(checkpoint.latest(runs.dir(name)))
     assert (state["step"], state["world_size"]) == (STEPS, 2)
-    assert_close_per_step(records(run_dir), records(runs.dir("single")), "loss", LOSS_ATOL)
+    assert checkpoint.read_trainer_state(runs.dir(source) / CHECKPOINTS / f"step_{RESUME_AT}")[
+        "config"
+    ]["parallel"]["pp_virtual_stages"] == (2 if "interleaved" in source else 1)
+    assert state["config"]["parallel"]["pp_virtual_stages"] == job.parallel["pp_virtual_stages"]
+    want = records(runs.dir("single"))
+    assert_close_per_step(records(runs.dir(name)), want, "loss", LOSS_ATOL, [4, 5])
 
 
 @pytest.mark.slow
