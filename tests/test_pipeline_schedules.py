@@ -55,6 +55,7 @@ LAYOUTS: dict[str, Job] = {
     "interleaved_mb4": Job(2, interleaved(pp_microbatches=4)),
     "interleaved_accum2": Job(2, interleaved(), {"micro_batch_size": 2, "grad_accum": 2}),
     "zero_bubble": Job(2, zero_bubble()),
+    "zero_bubble_z_loss": Job(2, zero_bubble(), {"z_loss": 1e-2}, ref="single_z_loss"),
     "zero_bubble_v1": Job(2, zero_bubble(pp_virtual_stages=1)),  # ZB-H1, one stage per rank
     "llama_interleaved": Job(2, interleaved(), model=LLAMA, ref="llama_single"),
     "llama_zero_bubble": Job(2, zero_bubble(), model=LLAMA, ref="llama_single"),
@@ -74,6 +75,7 @@ RESUMED = {
 SINGLE = {
     "single": Job(1, {}),
     "single_stop3": Job(1, {}, stop_at=RESUME_AT),
+    "single_z_loss": Job(1, {}, {"z_loss": 1e-2}),
     "llama_single": Job(1, {}, model=LLAMA),
     "llama_tied_single": Job(1, {}, model=LLAMA_TIED),
 }
