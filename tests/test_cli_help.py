@@ -33,7 +33,9 @@ def test_train_help_shows_the_comments_of_the_yaml_files(capsys):
     )
     assert re.search(r"^precision: fp32 +# fp32 \| bf16 \| fp16", text, re.M)
     # from the default presets (and the presets they build on: data/base.yaml)
-    assert re.search(r"^  pp_schedule: 1f1b +# gpipe \| 1f1b$", text, re.M)
+    assert re.search(
+        r"^  pp_schedule: 1f1b +# gpipe \| 1f1b \| interleaved_1f1b \| zero_bubble$", text, re.M
+    )
     assert re.search(r"^  doc_separator: eot +# eot \| line \| blank_line$", text, re.M)
 
 

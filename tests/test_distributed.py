@@ -498,12 +498,14 @@ def test_bad_layout_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_every_parallel_preset_is_a_valid_layout(tmp_path):
-    """The presets resolve their -1 size against a world of 4 and pass check_layout."""
+    """The presets resolve their -1 size against a world of 4 and pass check_layout (with 8
+    blocks: pp_interleaved's 4 ranks run 2 stages each)."""
     names = sorted(p.stem for p in (Path(cluster_configs.__file__).parent / "parallel").iterdir())
     assert {"single", "ddp", "fsdp", "zero2", "hsdp", "tp", "fsdp_tp", "pp", "3d"} <= set(names)
     for name in names:
         world = 1 if name == "single" else 4
-        cfg = load_config(config(tmp_path / "run", preset(name)), world_size=world)  # + layout
+        cfg = config(tmp_path / "run", preset(name), model={**MODEL, "n_layer": 8})
+        cfg = load_config(cfg, world_size=world)  # + layout
         assert cfg.parallel.world_size == world, name
 
 

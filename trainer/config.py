@@ -36,7 +36,7 @@ from data_prep.shards import DatasetError, read_manifest
 
 CONFIG_MODULE = "cluster_configs"  # the YAML tree, shipped as a package
 PRECISIONS = ("fp32", "bf16", "fp16")
-PP_SCHEDULES = ("gpipe", "1f1b")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 WANDB_MODES = ("disabled", "offline", "online")
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
@@ -197,8 +197,9 @@ class ParallelConfig:
     ddp_bucket_mb: int
     fsdp_reshard_after_forward: bool  # False: ZeRO-2 style (no re-gather in backward)
     fsdp_cpu_offload: bool
-    pp_schedule: str  # gpipe | 1f1b
+    pp_schedule: str  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     pp_microbatches: int  # per pipeline step; must divide train.micro_batch_size
+    pp_virtual_stages: int  # pipeline stages per rank (interleaved_1f1b, zero_bubble)
 
     @property
     def world_size(self) -> int:
@@ -411,6 +412,12 @@ def check_fields(cfg: Config) -> None:
     _positive(cfg, "model.layer_norm_eps")
     _require(t.cpu_threads >= 0, f"train.cpu_threads={t.cpu_threads}: must be >= 0 (0: auto)")
     _positive(cfg, "parallel.pp_microbatches", "parallel.ddp_bucket_mb")
+    _positive(cfg, "parallel.pp_virtual_stages")
+    _require(
+        p.pp_schedule != "zbv",
+        "parallel.pp_schedule=zbv: torch's ScheduleZBVZeroBubble fails in forward-only "
+        "(evaluation) steps; use zero_bubble",
+    )
     _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     if m.vocab_size is not None:
         _positive(cfg, "model.vocab_size")
@@ -646,6 +653,7 @@ def check_layout(cfg: Config) -> None:
     problem = spec_of(m).check_layout(m, p)  # e.g. tp must divide the MLP's hidden size
     _require(problem is None, problem or "")
     _require(p.pp <= m.n_layer, f"parallel.pp={p.pp} is larger than model.n_layer={m.n_layer}")
+    check_pipeline_schedule(cfg)
     if p.pp > 1:
         _require(
             p.pp_microbatches >= p.pp,
@@ -698,6 +706,45 @@ def check_context_parallel(cfg: Config) -> None:
     ]
     for refused, what in refusals:
         _require(not refused, f"{key}: context parallel is not supported with {what}")
+
+
+def check_pipeline_schedule(cfg: Config) -> None:
+    """Stages per rank and micro-batches that `parallel.pp_schedule` can run."""
+    p, m = cfg.parallel, cfg.model
+    v, key = p.pp_virtual_stages, f"parallel.pp_virtual_stages={p.pp_virtual_stages}"
+    if p.pp_schedule in ("gpipe", "1f1b"):
+        _require(
+            v == 1,
+            f"{key}: pp_schedule={p.pp_schedule} runs one stage per rank "
+            "(use interleaved_1f1b or zero_bubble for more)",
+        )
+        return
+    if p.pp == 1:
+        return  # no pipeline: the schedule keys are not used
+    _require(
+        v >= 2 or p.pp_schedule == "zero_bubble",
+        f"{key}: pp_schedule={p.pp_schedule} needs at least 2 stages per rank",
+    )
+    _require(
+        p.pp * v <= m.n_layer,
+        f"{key}: parallel.pp x pp_virtual_stages = {p.pp * v} stages, more than "
+        f"model.n_layer={m.n_layer} blocks",
+    )
+    _require(
+        p.pp_microbatches % p.pp == 0,
+        f"parallel.pp_microbatches={p.pp_microbatches} must be a multiple of parallel.pp="
+        f"{p.pp} for pp_schedule={p.pp_schedule} (micro-batches go round in groups of pp)",
+    )
+    _require(
+        not cfg.train.compile,
+        f"train.compile=true is not supported with pipeline schedule {p.pp_schedule} (several "
+        "stage views share one rank's compiled blocks); use gpipe or 1f1b to compile",
+    )
+    _require(
+        p.dp_shard == 1 and p.tp == 1,
+        f"parallel.pp_schedule={p.pp_schedule} with dp_shard={p.dp_shard}, tp={p.tp}: "
+        "combining it with FSDP or TP is not supported yet (use gpipe or 1f1b)",
+    )
 
 
 def with_dataset(cfg: Config) -> Config:

@@ -33,7 +33,9 @@ from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
 from trainer.parallel.mesh import Layout, build_layout, fsdp_mesh
 from trainer.parallel.pipeline import (
     build_schedule,
+    rank_stages,
     split_model,
+    stage_view,
     sync_tied_grads,
     tied_weight,
     tied_weight_group,
@@ -53,6 +55,8 @@ class ParallelModel:
     spec: ModelSpec | None = None  # the architecture (where its parts are)
     schedule: object | None = None  # pipeline schedule (pp > 1)
     tied_group: dist.ProcessGroup | None = None  # pp > 1 with a tied output layer
+    runs_first_stage: bool = True  # pp > 1: this rank runs the first / the last stage
+    runs_last_stage: bool = True
     grad_accum: int = 1  # losses are divided by it, so accumulated gradients are a mean
     pp_microbatches: int = 1
     set_sync: Callable[[bool], None] = field(default=lambda sync: None)
@@ -116,8 +120,8 @@ class ParallelModel:
 
     def _run_pipeline(self, x, y, losses: list, train: bool) -> None:
         run = self.schedule.step if train else self.schedule.eval
-        args = (x,) if self.layout.is_first_stage else ()
-        target = y if self.layout.is_last_stage else None
+        args = (x,) if self.runs_first_stage else ()
+        target = y if self.runs_last_stage else None
         run(*args, target=target, losses=losses)
 
     def after_backward(self) -> None:
@@ -128,7 +132,7 @@ class ParallelModel:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm of the *whole* model's gradient, whichever rank holds which part."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        if self.tied_group is not None and not self.layout.is_first_stage:
+        if self.tied_group is not None and not self.runs_first_stage:
             # The last stage's copy of the tied weight was counted on the first stage already.
             tied = tied_weight(self.module, self.spec)
             grads = [g for g in grads if tied is None or g is not tied.grad]
@@ -161,8 +165,11 @@ def parallelize(
     p, t = cfg.parallel, cfg.train
     spec = spec_of(cfg.model)
     mesh = layout.mesh
-    if mesh is not None and p.pp > 1:
-        model = split_model(model, p.pp, layout.pp_rank, spec)
+    pipelined = mesh is not None and p.pp > 1
+    if pipelined:
+        n_stages = p.pp * p.pp_virtual_stages
+        stages = rank_stages(p.pp, p.pp_virtual_stages, layout.pp_rank)
+        model = split_model(model, n_stages, stages, spec)
     if mesh is not None and p.tp > 1:
         apply_tp(model, mesh["tp"], spec)
     blocks = getattr(model, spec.layers)
@@ -195,17 +202,35 @@ def parallelize(
         z_loss=t.z_loss,
         cp=ContextParallel(mesh["cp"]) if mesh is not None and p.cp > 1 else None,
     )
-    if mesh is not None and p.pp > 1:
-        result.schedule = build_schedule(
-            wrapped,
-            mesh["pp"],
-            device,
-            p.pp_microbatches,
-            p.pp_schedule,
-            t.grad_accum,
-            t.z_loss,
-            result.z_record,
-        )
-        if spec.tied(cfg.model):
-            result.tied_group = tied_weight_group(mesh)
+    if pipelined:
+        add_pipeline(result, cfg, stages, n_stages, device)
     return result
+
+
+def add_pipeline(
+    pm: ParallelModel, cfg: Config, stages: list[int], n_stages: int, device: torch.device
+) -> None:
+    """The pipeline schedule of this rank's `stages` and, for a tied output layer, the group
+    that sums the gradients of its two copies."""
+    p, t, mesh = cfg.parallel, cfg.train, pm.layout.mesh
+    # One stage: the (wrapped) part itself; several: one view of the part per stage.
+    modules = (
+        [pm.wrapped]
+        if len(stages) == 1
+        else [stage_view(pm.module, n_stages, s, pm.spec) for s in stages]
+    )
+    pm.schedule = build_schedule(
+        modules,
+        stages,
+        n_stages,
+        mesh["pp"],
+        device,
+        p.pp_microbatches,
+        p.pp_schedule,
+        t.grad_accum,
+        t.z_loss,
+        pm.z_record,
+    )
+    pm.runs_first_stage, pm.runs_last_stage = 0 in stages, n_stages - 1 in stages
+    if pm.spec.tied(cfg.model):
+        pm.tied_group = tied_weight_group(mesh)
