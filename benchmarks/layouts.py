@@ -12,13 +12,20 @@ so efficiency there shows overheads, not speed-ups. Appends the table to benchma
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import append_results
 from trainer.run_dir import METRICS, read_jsonl
+
+# The three ZeRO stages side by side: (stage, preset); see trainer/parallel/zero1.py.
+ZERO_STAGES = (("zero1", "zero1"), ("zero2", "zero2"), ("zero3", "fsdp"))
+PARTS = ("params", "grads", "optimizer")
 
 
 # (name, processes, overrides); micro-batch sizes keep the global batch equal to single's.
@@ -28,6 +35,7 @@ def layouts(n: int, micro: int) -> list[tuple[str, int, list[str]]]:
         ("single", 1, ["parallel=single", f"train.micro_batch_size={micro}"]),
         (f"DDP x{n}", n, ["parallel=ddp", f"train.micro_batch_size={per_rank}"]),
         (f"FSDP x{n}", n, ["parallel=fsdp", f"train.micro_batch_size={per_rank}"]),
+        (f"ZeRO-1 x{n}", n, ["parallel=zero1", f"train.micro_batch_size={per_rank}"]),
         (f"ZeRO-2 x{n}", n, ["parallel=zero2", f"train.micro_batch_size={per_rank}"]),
         (f"TP x{n}", n, ["parallel=tp", f"train.micro_batch_size={micro}"]),
         (
@@ -74,6 +82,37 @@ def measure(nproc: int, overrides: list[str], model: str, steps: int, precision:
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(overrides)} failed:\n{done.stderr[-2000:]}")
         return read_jsonl(Path(tmp) / METRICS)[-1]
+
+
+def held_during_step(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """One training step of `cfg` on this rank's process group, measuring the bytes of the
+    parameters (after forward), gradients (after backward) and optimizer state (after the
+    step) each rank holds, from the tensors themselves: the maximum over ranks of each, with
+    the model's parameter count `n` and the data-parallel size `dp`."""
+    from trainer import distributed
+    from trainer.config import resolve_config
+    from trainer.metrics import held_bytes
+    from trainer.train import build_parts
+
+    world = distributed.world_from_env()
+    config = resolve_config(cfg, world_size=world.size)
+    world, device = distributed.init(config.device)
+    parts = build_parts(config, world, device)
+    pm, optimizer = parts.pm, parts.optimizer
+    x, y = (b.to(device) for b in parts.loader.next_batch())
+    loss = pm.wrapped(x, y)
+    params = held_bytes(pm.module, optimizer)["params"]  # ZeRO-2 style: still gathered
+    loss.backward()
+    grads = held_bytes(pm.module, optimizer)["grads"]  # reduced (and scattered)
+    optimizer.step()
+    state = held_bytes(pm.module, optimizer)["optimizer"]
+    parts.close()
+    per_rank = distributed.all_gather_floats([params, grads, state], device)
+    return {
+        **{part: max(r[i] for r in per_rank) for i, part in enumerate(PARTS)},
+        "n": sum(p.numel() for p in pm.module.parameters()),  # a DTensor's numel() is global
+        "dp": config.parallel.dp_size,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

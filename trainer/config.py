@@ -196,6 +196,7 @@ class ParallelConfig:
     ddp_bucket_mb: int
     fsdp_reshard_after_forward: bool  # False: ZeRO-2 style (no re-gather in backward)
     fsdp_cpu_offload: bool
+    zero1: bool  # DDP with the optimizer state sharded over the replicas (ZeRO-1)
     pp_schedule: str  # gpipe | 1f1b
     pp_microbatches: int  # per pipeline step; must divide train.micro_batch_size
 
@@ -663,6 +664,15 @@ def check_layout(cfg: Config) -> None:
     _require(
         not (cfg.precision == "fp16" and sharded),
         "precision=fp16 works with single/DDP layouts only; use bf16",
+    )
+    _require(
+        not (p.zero1 and (p.dp_shard > 1 or p.tp > 1 or p.pp > 1)),
+        "parallel.zero1=true shards the optimizer over DDP replicas only (dp_shard=tp=pp=1); "
+        "FSDP (dp_shard>1) shards the optimizer state already",
+    )
+    _require(
+        not (p.zero1 and cfg.precision == "fp16"),
+        "parallel.zero1=true with precision=fp16 is not supported; use bf16 or fp32",
     )
     _require(
         not (cfg.train.compile and p.pp > 1),
