@@ -115,6 +115,47 @@ def held_during_step(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def zero_stages(nproc: int, model: str, micro: int) -> str:
+    """The memory table of the three ZeRO stages on `nproc` ranks: measured per rank (one
+    step, `held_during_step`) beside the theory of trainer/parallel/zero1.py, in MiB."""
+    from trainer.parallel.zero1 import STAGES, theory_bytes
+
+    lines = [
+        "| stage | layout | params MiB (theory) | grads MiB (theory) | optimizer MiB (theory) "
+        "| total MiB (theory) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage, preset in ZERO_STAGES:
+        print(f"measuring {stage} ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "held.json"
+            overrides = [f"model={model}", f"parallel={preset}", f"run.dir={tmp}/run"]
+            overrides += ["data=dummy", f"train.micro_batch_size={max(1, micro // nproc)}"]
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node"]
+            command = [*launcher, str(nproc), "-m", "benchmarks.layouts", "--held-worker"]
+            done = subprocess.run([*command, str(out), *overrides], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{stage} failed:\n{done.stderr[-2000:]}")
+            held = json.loads(out.read_text())
+        theory = theory_bytes(stage, held["n"], held["dp"])
+        cells = [(held[p], theory[p]) for p in PARTS]
+        cells.append((sum(c[0] for c in cells), sum(c[1] for c in cells)))
+        mib = " | ".join(f"{got / 2**20:.2f} ({want / 2**20:.2f})" for got, want in cells)
+        lines.append(f"| {stage} | {STAGES[stage]} | {mib} |")
+    return "\n".join(lines)
+
+
+def held_worker(out: str, overrides: list[str]) -> None:
+    """Under torchrun: `held_during_step` of the composed config; rank 0 writes it to `out`."""
+    from jobs.cli import compose_config, training_dict
+    from trainer import distributed
+
+    held = held_during_step(training_dict(compose_config("train", overrides)))
+    if distributed.world_from_env().rank == 0:
+        Path(out).write_text(json.dumps(held))
+    distributed.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -123,7 +164,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, default=8, help="single's micro-batch")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--zero-only", action="store_true", help="only the ZeRO memory table")
+    parser.add_argument("--held-worker", nargs="+", help=argparse.SUPPRESS)  # OUT OVERRIDES...
     args = parser.parse_args(argv)
+    if args.held_worker:
+        held_worker(args.held_worker[0], args.held_worker[1:])
+        return
+    command = "python -m benchmarks.layouts " + " ".join(sys.argv[1:] if argv is None else argv)
+    zero = zero_stages(args.nproc, args.model, args.micro_batch)
+    print(zero)
+    if not args.no_write:
+        append_results(
+            f"ZeRO stages: memory per rank — {args.model}, fp32, {args.nproc} ranks",
+            command,
+            "bytes each rank holds, from its tensors, at their largest in one step "
+            "(parameters after forward, gradients after backward, AdamW state after the "
+            "step); the maximum over ranks; theory: trainer/parallel/zero1.py",
+            zero,
+        )
+    if args.zero_only:
+        return
 
     rows = []
     for name, nproc, overrides in layouts(args.nproc, args.micro_batch):
@@ -148,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         append_results(
             f"Parallel layouts — {args.model}, {args.precision}",
-            "python -m benchmarks.layouts " + " ".join(sys.argv[1:] if argv is None else argv),
+            command,
             f"{args.steps} warm-up + {args.steps} measured steps; same global batch "
             f"({args.micro_batch} sequences) in every layout; dummy data",
             table,
