@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import build_training_state, reshard_worker, run_jobs, spawn, train_worker
+from multiproc import build_training_state, reshard_worker, run_jobs, spawn
 from test_distributed import (
     LOSS_ATOL,
     MEMORY_MODEL,
@@ -47,6 +47,7 @@ JOBS = {
     "zero1_accum2": (ZERO1, {"micro_batch_size": 1, "grad_accum": 2}, None),
     "zero1_stop3": (ZERO1, {"micro_batch_size": 2}, RESUME_AT),
     "fsdp2_stop3": (parallel("fsdp"), {"micro_batch_size": 2}, RESUME_AT),
+    "fsdp2_to_zero1": (ZERO1, {"micro_batch_size": 2}, None),  # resumes fsdp2_stop3's step 3
 }
 
 
@@ -59,6 +60,7 @@ def runs(tmp_path_factory) -> Path:
         (name, config(root / name, layout, **train), stop)
         for name, (layout, train, stop) in JOBS.items()
     ]
+    group[-1][1]["resume"] = str(root / "fsdp2_stop3" / CHECKPOINTS / f"step_{RESUME_AT}")
     failures = run_jobs(2, group, root / "status")
     assert not failures, failures
     return root
@@ -100,32 +102,30 @@ def test_zero1_checkpoint_resumes_as_single_process(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_resumes_as_zero1(runs, tmp_path):
-    """Stopped after step 3 under FSDP 2, resumed under ZeRO-1: each rank loads the AdamW
-    state of its share out of the FSDP shards; steps 4-5 match one process."""
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(runs / "fsdp2_stop3", run_dir)
-    spawn(2, train_worker, config(run_dir, ZERO1, micro_batch_size=2))
+def test_fsdp_checkpoint_resumes_as_zero1(runs):
+    """Stopped after step 3 under FSDP 2, resumed under ZeRO-1 (fsdp2_to_zero1): each rank
+    loads the AdamW state of its share out of the FSDP shards; steps 4-5 match one process."""
+    run_dir = runs / "fsdp2_to_zero1"
     state = checkpoint.read_trainer_state(checkpoint.latest(run_dir))
     assert (state["step"], state["config"]["parallel"]["zero1"]) == (STEPS, True)
-    assert_close_per_step(records(run_dir), records(runs / "single"), "loss", LOSS_ATOL)
+    want = records(runs / "single")
+    assert_close_per_step(records(run_dir), want, "loss", LOSS_ATOL, [RESUME_AT + 1, STEPS])
 
 
 @pytest.mark.slow
-def test_zero1_checkpoint_reshards_exactly(runs, tmp_path):
-    """ZeRO-1 -> FSDP 2 -> ZeRO-1: each hop loads the checkpoint and saves it again;
-    parameters and AdamW state (exp_avg, exp_avg_sq, step) stay bit for bit the same, and the
-    ZeRO-1 checkpoint holds every parameter's state (the two ranks' shares together)."""
-    source = runs / "zero1_stop3" / CHECKPOINTS / f"step_{RESUME_AT}"
+def test_checkpoint_reshards_exactly_into_and_out_of_zero1(runs, tmp_path):
+    """FSDP 2 -> ZeRO-1: the FSDP checkpoint loaded into ZeRO-1 (each rank takes its share)
+    and saved again (each rank writes its share) is bit for bit the same model and AdamW
+    state (exp_avg, exp_avg_sq, step) for every parameter, seen from one process. The ZeRO-1
+    run's own checkpoint holds the same entries (both ranks' shares together)."""
+    source = runs / "fsdp2_stop3" / CHECKPOINTS / f"step_{RESUME_AT}"
     original = single_view(source, tmp_path)
-    fsdp = single_view(runs / "fsdp2_stop3" / CHECKPOINTS / f"step_{RESUME_AT}", tmp_path)
-    assert original[1]["state"].keys() == fsdp[1]["state"].keys()
     assert {int(s["step"]) for s in original[1]["state"].values()} == {RESUME_AT}
-    ckpt = source
-    for name, layout in (("fsdp2", parallel("fsdp")), ("zero1_again", ZERO1)):
-        spawn(2, reshard_worker, config(tmp_path / "cfg", layout), str(ckpt), str(tmp_path / name))
-        ckpt = tmp_path / name / CHECKPOINTS / f"step_{RESUME_AT}"
-        assert_same_state(single_view(ckpt, tmp_path), original, f"after {name}")
+    spawn(2, reshard_worker, config(tmp_path / "cfg", ZERO1), str(source), str(tmp_path / "z"))
+    ckpt = tmp_path / "z" / CHECKPOINTS / f"step_{RESUME_AT}"
+    assert_same_state(single_view(ckpt, tmp_path), original, "FSDP 2 -> ZeRO-1")
+    own = single_view(runs / "zero1_stop3" / CHECKPOINTS / f"step_{RESUME_AT}", tmp_path)
+    assert own[1]["state"].keys() == original[1]["state"].keys()
 
 
 # --- memory per rank: the three ZeRO stages against theory -----------------------------------
