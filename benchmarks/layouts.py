@@ -117,40 +117,46 @@ def held_during_step(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def zero_stages(nproc: int, model: str, micro: int) -> str:
     """The memory table of the three ZeRO stages on `nproc` ranks: measured per rank (one
-    step, `held_during_step`) beside the theory of trainer/parallel/zero1.py, in MiB."""
+    step each, `held_during_step`, in one torchrun job) beside the theory of
+    trainer/parallel/zero1.py, in MiB."""
     from trainer.parallel.zero1 import STAGES, theory_bytes
 
+    print("measuring the ZeRO stages ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "held.json"
+        overrides = [f"model={model}", f"run.dir={tmp}/run", "data=dummy"]
+        overrides.append(f"train.micro_batch_size={max(1, micro // nproc)}")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node"]
+        command = [*launcher, str(nproc), "-m", "benchmarks.layouts", "--held-worker"]
+        done = subprocess.run([*command, str(out), *overrides], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the ZeRO stages failed:\n{done.stderr[-2000:]}")
+        held = json.loads(out.read_text())
     lines = [
         "| stage | layout | params MiB (theory) | grads MiB (theory) | optimizer MiB (theory) "
         "| total MiB (theory) |",
         "|---|---|---|---|---|---|",
     ]
-    for stage, preset in ZERO_STAGES:
-        print(f"measuring {stage} ...", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "held.json"
-            overrides = [f"model={model}", f"parallel={preset}", f"run.dir={tmp}/run"]
-            overrides += ["data=dummy", f"train.micro_batch_size={max(1, micro // nproc)}"]
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node"]
-            command = [*launcher, str(nproc), "-m", "benchmarks.layouts", "--held-worker"]
-            done = subprocess.run([*command, str(out), *overrides], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{stage} failed:\n{done.stderr[-2000:]}")
-            held = json.loads(out.read_text())
-        theory = theory_bytes(stage, held["n"], held["dp"])
-        cells = [(held[p], theory[p]) for p in PARTS]
+    for stage, got in held.items():
+        theory = theory_bytes(stage, got["n"], got["dp"])
+        cells = [(got[p], theory[p]) for p in PARTS]
         cells.append((sum(c[0] for c in cells), sum(c[1] for c in cells)))
-        mib = " | ".join(f"{got / 2**20:.2f} ({want / 2**20:.2f})" for got, want in cells)
+        mib = " | ".join(f"{have / 2**20:.2f} ({want / 2**20:.2f})" for have, want in cells)
         lines.append(f"| {stage} | {STAGES[stage]} | {mib} |")
     return "\n".join(lines)
 
 
 def held_worker(out: str, overrides: list[str]) -> None:
-    """Under torchrun: `held_during_step` of the composed config; rank 0 writes it to `out`."""
+    """Under torchrun: `held_during_step` of each ZeRO stage's preset on the composed config;
+    rank 0 writes them to `out`."""
     from jobs.cli import compose_config, training_dict
     from trainer import distributed
 
-    held = held_during_step(training_dict(compose_config("train", overrides)))
+    held = {}
+    for stage, preset in ZERO_STAGES:
+        cfg = training_dict(compose_config("train", [*overrides, f"parallel={preset}"]))
+        cfg["run"]["dir"] = f"{cfg['run']['dir']}/{stage}"
+        held[stage] = held_during_step(cfg)
     if distributed.world_from_env().rank == 0:
         Path(out).write_text(json.dumps(held))
     distributed.shutdown()
