@@ -23,8 +23,6 @@ from typing import Any
 from benchmarks.common import append_results
 from trainer.run_dir import METRICS, read_jsonl
 
-# The three ZeRO stages side by side: (stage, preset); see trainer/parallel/zero1.py.
-ZERO_STAGES = (("zero1", "zero1"), ("zero2", "zero2"), ("zero3", "fsdp"))
 PARTS = ("params", "grads", "optimizer")
 
 
@@ -119,7 +117,7 @@ def zero_stages(nproc: int, model: str, micro: int) -> str:
     """The memory table of the three ZeRO stages on `nproc` ranks: measured per rank (one
     step each, `held_during_step`, in one torchrun job) beside the theory of
     trainer/parallel/zero1.py, in MiB."""
-    from trainer.parallel.zero1 import STAGES, theory_bytes
+    from trainer.parallel.zero1 import STAGE_PRESETS, theory_bytes
 
     print("measuring the ZeRO stages ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +131,7 @@ def zero_stages(nproc: int, model: str, micro: int) -> str:
             raise RuntimeError(f"the ZeRO stages failed:\n{done.stderr[-2000:]}")
         held = json.loads(out.read_text())
     lines = [
-        "| stage | layout | params MiB (theory) | grads MiB (theory) | optimizer MiB (theory) "
+        "| stage | preset | params MiB (theory) | grads MiB (theory) | optimizer MiB (theory) "
         "| total MiB (theory) |",
         "|---|---|---|---|---|---|",
     ]
@@ -142,7 +140,7 @@ def zero_stages(nproc: int, model: str, micro: int) -> str:
         cells = [(got[p], theory[p]) for p in PARTS]
         cells.append((sum(c[0] for c in cells), sum(c[1] for c in cells)))
         mib = " | ".join(f"{have / 2**20:.2f} ({want / 2**20:.2f})" for have, want in cells)
-        lines.append(f"| {stage} | {STAGES[stage]} | {mib} |")
+        lines.append(f"| {stage} | parallel={STAGE_PRESETS[stage]} | {mib} |")
     return "\n".join(lines)
 
 
@@ -151,9 +149,10 @@ def held_worker(out: str, overrides: list[str]) -> None:
     rank 0 writes them to `out`."""
     from jobs.cli import compose_config, training_dict
     from trainer import distributed
+    from trainer.parallel.zero1 import STAGE_PRESETS
 
     held = {}
-    for stage, preset in ZERO_STAGES:
+    for stage, preset in STAGE_PRESETS.items():
         cfg = training_dict(compose_config("train", [*overrides, f"parallel={preset}"]))
         cfg["run"]["dir"] = f"{cfg['run']['dir']}/{stage}"
         held[stage] = held_during_step(cfg)

@@ -31,10 +31,10 @@ from test_distributed import (
     single_view,
 )
 
-from benchmarks.layouts import PARTS, ZERO_STAGES, held_during_step
+from benchmarks.layouts import PARTS, held_during_step
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
-from trainer.parallel.zero1 import local_optimizer, theory_bytes
+from trainer.parallel.zero1 import STAGE_PRESETS, local_optimizer, theory_bytes
 from trainer.run_dir import CHECKPOINTS
 from trainer.train import run
 
@@ -134,7 +134,7 @@ def test_checkpoint_reshards_exactly_into_and_out_of_zero1(runs, tmp_path):
 def held_worker(rank: int, root: str) -> None:
     """Each ZeRO stage's bytes per rank over one step; ZeRO-1's two optimizer shares."""
     result = {}
-    for stage, name in ZERO_STAGES:
+    for stage, name in STAGE_PRESETS.items():
         layout = parallel(name)
         cfg = config(Path(root) / stage, layout, model=MEMORY_MODEL, micro_batch_size=2)
         result[stage] = held_during_step(cfg)
@@ -158,7 +158,7 @@ def held(tmp_path_factory) -> tuple[dict, list]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [stage for stage, _ in ZERO_STAGES])
+@pytest.mark.parametrize("stage", list(STAGE_PRESETS))
 def test_memory_per_rank_matches_theory(held, stage):
     """Parameters (after forward), gradients (after backward) and AdamW state (after the step)
     on the fullest rank, within 10% of trainer/parallel/zero1.py's theory, each part:

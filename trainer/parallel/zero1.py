@@ -56,12 +56,8 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
-# The ZeRO stages as this trainer runs them: (parallel preset, what each rank holds).
-STAGES = {
-    "zero1": "parallel=zero1: DDP + ZeroRedundancyOptimizer",
-    "zero2": "parallel=zero2: FSDP2, reshard_after_forward=false",
-    "zero3": "parallel=fsdp: FSDP2 full shard",
-}
+# The ZeRO stages as this trainer runs them: stage -> parallel preset (docs/fsdp.md).
+STAGE_PRESETS = {"zero1": "zero1", "zero2": "zero2", "zero3": "fsdp"}
 
 
 def theory_bytes(stage: str, n: int, dp: int) -> dict[str, float]:
