@@ -181,6 +181,7 @@ def build_training_state(cfg: Mapping[str, Any]):
     from trainer.config import resolve_config
     from trainer.optim import build_optimizer
     from trainer.parallel import build_layout, parallelize
+    from trainer.parallel.zero1 import zero1_group
     from trainer.train import build_model
 
     config = resolve_config(cfg, world_size=distributed.world_from_env().size)  # layout too
@@ -188,7 +189,8 @@ def build_training_state(cfg: Mapping[str, Any]):
     layout = build_layout(config, device.type, world.size)
     pm = parallelize(build_model(config, device), config, layout, device)
     foreach = False if config.parallel.tp > 1 else None
-    optimizer = build_optimizer(pm.module, config.train, device, foreach=foreach)
+    shard_over = zero1_group(config.parallel, layout)  # ZeRO-1: the AdamW state split
+    optimizer = build_optimizer(pm.module, config.train, device, foreach, shard_over)
     return config, pm, optimizer
 
 

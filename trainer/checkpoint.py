@@ -68,6 +68,7 @@ from trainer.checkpoint_files import (  # noqa: F401 (re-exported: the checkpoin
     verify,
 )
 from trainer.models import spec_of, unwrap
+from trainer.parallel.zero1 import local_optimizer
 from trainer.run_dir import CHECKPOINTS, named
 
 # DCP warns that it "assumes a single process" when torch.distributed is not initialised:
@@ -111,7 +112,9 @@ class ModelAndOptimizer(Stateful):
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        self.model, self.optimizer = model, optimizer
+        # ZeRO-1: the AdamW over this rank's share of the parameters (trainer/parallel/zero1.py)
+        self.model = model
+        self.optimizer = None if optimizer is None else local_optimizer(optimizer)
         self._aliases: list[str] = []
         # Parameters that are one tensor in a whole model but two copies under pipeline
         # parallelism (a tied output layer and the token embedding live on different stages).

@@ -197,6 +197,7 @@ class ParallelConfig:
     ddp_bucket_mb: int
     fsdp_reshard_after_forward: bool  # False: ZeRO-2 style (no re-gather in backward)
     fsdp_cpu_offload: bool
+    zero1: bool  # DDP with the optimizer state sharded over the replicas (ZeRO-1)
     pp_schedule: str  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     pp_microbatches: int  # per pipeline step; must divide train.micro_batch_size
     pp_virtual_stages: int  # pipeline stages per rank (interleaved_1f1b, zero_bubble)
@@ -682,6 +683,15 @@ def check_layout(cfg: Config) -> None:
     )
     if p.cp > 1:
         check_context_parallel(cfg)
+    _require(
+        not (p.zero1 and (p.dp_shard > 1 or p.cp > 1 or p.tp > 1 or p.pp > 1)),
+        "parallel.zero1=true shards the optimizer over DDP replicas only (dp_shard=cp=tp=pp=1); "
+        "FSDP (dp_shard>1) shards the optimizer state already",
+    )
+    _require(
+        not (p.zero1 and cfg.precision == "fp16"),
+        "parallel.zero1=true with precision=fp16 is not supported; use bf16 or fp32",
+    )
     _require(
         not (m.doc_mask and p.pp > 1),
         f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "

@@ -22,6 +22,7 @@ import torch
 from trainer import distributed
 from trainer.config import Config
 from trainer.models import spec_of
+from trainer.parallel.zero1 import local_optimizer
 from trainer.state import TrainState
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
@@ -54,26 +55,38 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes this rank holds of `t` (a sharded DTensor: its local shard only)."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of the parameters, gradients and optimizer state this rank holds right now,
+    from the tensors themselves (under ZeRO-1: the state of this rank's share only)."""
+    params = list(module.parameters())
+    state = local_optimizer(optimizer).state.values()
+    return {
+        "params": sum(local_bytes(p) for p in params),
+        "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(
+            local_bytes(v)
+            for s in state
+            for v in s.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        ),
+    }
+
+
 def memory_per_rank(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> dict[str, float]:
     """Peak device memory and the bytes of parameters + gradients + optimizer state held by
     this rank during a step (sharded tensors count only their local shard); max over ranks."""
-
-    def local_bytes(t: torch.Tensor) -> int:
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-
-    params = list(module.parameters())
-    state = sum(local_bytes(p) for p in params)
+    held = held_bytes(module, optimizer)
     # Gradients (freed by zero_grad before we get here) are as large as their parameters.
-    state += sum(local_bytes(p) for p in params if p.requires_grad)
-    state += sum(
-        local_bytes(v)
-        for s in optimizer.state.values()
-        for v in s.values()
-        if isinstance(v, torch.Tensor) and v.dim() > 0
-    )
+    grads = sum(local_bytes(p) for p in module.parameters() if p.requires_grad)
+    state = held["params"] + grads + held["optimizer"]
     per_rank = distributed.all_gather_floats([peak_memory_gib(device), state / 2**30], device)
     return {
         "memory_gib": max(r[0] for r in per_rank),

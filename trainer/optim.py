@@ -5,18 +5,25 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import TrainConfig, wsd_decay_steps
+from trainer.parallel.zero1 import shard_optimizer
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig, device: torch.device, foreach: bool | None = None
-) -> torch.optim.AdamW:
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    foreach: bool | None = None,
+    shard_over: dist.ProcessGroup | None = None,
+) -> torch.optim.Optimizer:
     """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorms.
 
     `foreach=False` is needed under tensor parallelism, where sharded (DTensor) and replicated
-    (plain) parameters sit in the same group."""
+    (plain) parameters sit in the same group. `shard_over`: ZeRO-1, the AdamW state split over
+    these ranks (trainer/parallel/zero1.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -24,13 +31,15 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups,
+    adamw = dict(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         fused=device.type == "cuda" and foreach is None,
         foreach=foreach,
     )
+    if shard_over is not None:
+        return shard_optimizer(groups, shard_over, **adamw)
+    return torch.optim.AdamW(groups, **adamw)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -41,6 +41,7 @@ from trainer.mixture import MixtureSource
 from trainer.models import build_model as new_model
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, parallelize
+from trainer.parallel.zero1 import zero1_group
 from trainer.preemption import StopController, StopOnSignal
 from trainer.run_dir import RunDirError, RunDirLock
 from trainer.sinks import open_sinks
@@ -229,7 +230,11 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
     full_model = build_model(cfg, device)
     pm = parallelize(full_model, cfg, layout, device)
     optimizer = build_optimizer(
-        pm.module, cfg.train, device, foreach=False if cfg.parallel.tp > 1 else None
+        pm.module,
+        cfg.train,
+        device,
+        foreach=False if cfg.parallel.tp > 1 else None,
+        shard_over=zero1_group(cfg.parallel, layout),
     )
     loader = BatchLoader(
         build_source(cfg, "train", verify=True),
