@@ -198,6 +198,8 @@ class ParallelConfig:
     fsdp_cpu_offload: bool
     pp_schedule: str  # gpipe | 1f1b
     pp_microbatches: int  # per pipeline step; must divide train.micro_batch_size
+    sequence_parallel: bool  # TP: norms/dropout/residuals sharded over the sequence
+    loss_parallel: bool  # TP: logits (and the embedding) sharded over the vocabulary
 
     @property
     def world_size(self) -> int:
@@ -668,11 +670,28 @@ def check_layout(cfg: Config) -> None:
         not (cfg.train.compile and p.pp > 1),
         "train.compile=true is not supported with pipeline parallel (pp>1)",
     )
+    check_tp_extras(cfg)
     _require(
         not (m.doc_mask and p.pp > 1),
         f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "
         "later stages receive hidden states, not the token ids the mask is built from",
     )
+
+
+def check_tp_extras(cfg: Config) -> None:
+    """What sequence parallel and loss parallel need: tensor parallel to extend (and for SP
+    a sequence that splits evenly; an uneven vocabulary split works)."""
+    p, m = cfg.parallel, cfg.model
+    for key in ("sequence_parallel", "loss_parallel"):
+        if getattr(p, key):
+            _require(p.tp > 1, f"parallel.{key}=true needs tensor parallel (parallel.tp>1)")
+            _require(p.pp == 1, f"parallel.{key}=true is not supported with parallel.pp>1")
+    if p.sequence_parallel:
+        _require(
+            m.block_size % p.tp == 0,
+            f"parallel.sequence_parallel=true: parallel.tp={p.tp} must divide "
+            f"model.block_size={m.block_size}",
+        )
 
 
 def with_dataset(cfg: Config) -> Config:

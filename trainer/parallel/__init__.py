@@ -34,7 +34,7 @@ from trainer.parallel.pipeline import (
     tied_weight,
     tied_weight_group,
 )
-from trainer.parallel.tensor_parallel import apply_tp
+from trainer.parallel.tensor_parallel import apply_tp, loss_context
 
 __all__ = ["Layout", "ParallelModel", "build_layout", "parallelize"]
 
@@ -54,6 +54,7 @@ class ParallelModel:
     set_sync: Callable[[bool], None] = field(default=lambda sync: None)
     z_loss: float = 0.0  # train.z_loss: the weight of the z term in the training loss
     z_record: list[torch.Tensor] = field(default_factory=list)  # pp: (ce, z) per micro-batch
+    loss_parallel: bool = False  # parallel.loss_parallel: the loss runs in its context
 
     def forward_backward(self, x, y, sync: bool, scaler, autocast) -> LossTerms | None:
         """One micro-batch: forward, backward, gradients accumulate. Returns the mean loss
@@ -63,9 +64,10 @@ class ParallelModel:
         `sync=False` skips the gradient all-reduce / reduce-scatter (accumulation steps)."""
         self.set_sync(sync)
         if self.schedule is None:
-            with autocast:
-                terms = self.wrapped(x, y, z_loss=self.z_loss)
-            scaler.scale(terms.objective(self.z_loss) / self.grad_accum).backward()
+            with loss_context(self.loss_parallel):
+                with autocast:
+                    terms = self.wrapped(x, y, z_loss=self.z_loss)
+                scaler.scale(terms.objective(self.z_loss) / self.grad_accum).backward()
             return LossTerms(*(t if t is None else t.detach() for t in terms))
         losses: list[torch.Tensor] = []
         self.z_record.clear()
@@ -83,7 +85,7 @@ class ParallelModel:
     @torch.no_grad()
     def eval_loss(self, x, y, autocast) -> torch.Tensor | None:
         if self.schedule is None:
-            with autocast:
+            with loss_context(self.loss_parallel), autocast:
                 return self.wrapped(x, y).detach()
         losses: list[torch.Tensor] = []
         with autocast:
@@ -145,7 +147,7 @@ def parallelize(
     if mesh is not None and p.pp > 1:
         model = split_model(model, p.pp, layout.pp_rank, spec)
     if mesh is not None and p.tp > 1:
-        apply_tp(model, mesh["tp"], spec)
+        apply_tp(model, mesh["tp"], spec, p.sequence_parallel, p.loss_parallel)
     blocks = getattr(model, spec.layers)
     if t.activation_checkpointing:
         apply_activation_checkpointing(blocks)
@@ -175,6 +177,7 @@ def parallelize(
         pp_microbatches=p.pp_microbatches,
         set_sync=set_sync,
         z_loss=t.z_loss,
+        loss_parallel=p.loss_parallel,
     )
     if mesh is not None and p.pp > 1:
         result.schedule = build_schedule(
