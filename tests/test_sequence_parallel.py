@@ -18,7 +18,6 @@ import pytest
 import torch
 from multiproc import build_training_state, run_jobs, spawn, train_worker
 from test_distributed import (
-    GLOBAL_BATCH,
     LLAMA,
     LOSS_ATOL,
     MODEL,
@@ -31,10 +30,11 @@ from test_distributed import (
     parallel,
     records,
 )
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.tensor import DTensor
 
 from trainer import checkpoint
 from trainer.config import ConfigError, load_config
-from trainer.run_dir import CHECKPOINTS
 from trainer.train import run
 
 pytestmark = pytest.mark.multiproc
@@ -48,11 +48,12 @@ RESUME_AT = 3
 # name -> (job, the single-process run it must match)
 LAYOUTS: dict[str, Job] = {
     "tp2_sp": Job(2, SP),
-    "tp2_sp_lp": Job(2, SP_LP),
     "tp2_lp_z": Job(2, LP, Z_LOSS, ref="single_z"),
     "tp2_sp_lp_z": Job(2, SP_LP, Z_LOSS, ref="single_z"),
+    # train.compile=true: each block compiled after TP + SP (the DTensor ops traced)
     "llama_tp2_sp": Job(2, SP, model=LLAMA, ref="llama_single"),
     "llama_tp2_sp_lp": Job(2, SP_LP, model=LLAMA, ref="llama_single"),
+    "tp2_sp_lp_compile": Job(2, SP_LP, {"compile": True}),
 }
 STOPPED = {"tp2_sp_lp_stop3": Job(2, SP_LP, stop_at=RESUME_AT)}
 SINGLE = {
@@ -142,46 +143,50 @@ def test_single_process_checkpoint_resumes_as_tp_sp(sp_runs, tmp_path):
 
 
 def probe_worker(rank: int, cfgs: dict[str, dict], out: str) -> None:
-    """On 2 ranks: (a) for each config, the loss and gradients of a batch of many short
-    documents (model.doc_mask) under its layout; (b) the bytes autograd saves for backward
-    in one forward, per rank. Rank 0 writes them to `out` (JSON)."""
-    result: dict[str, Any] = {}
-    for name, cfg in cfgs.items():
-        _, pm, _ = build_training_state(cfg)
-        ids = document_batch(cfg)
-        weights = {storage_of(p) for p in pm.module.parameters()}
-        saved: dict[int, int] = {}  # storage -> bytes: a tensor saved twice counts once
-
-        def count(t: torch.Tensor) -> torch.Tensor:
-            local = t.to_local() if hasattr(t, "to_local") else t
-            if storage_of(local) not in weights:  # activations only, not the weights
-                saved[storage_of(local)] = local.untyped_storage().nbytes()
-            return t
-
-        with pm_loss_context(pm), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            loss = pm.wrapped(ids[:, :-1], ids[:, 1:])
-            loss.backward()
-        grads = {n: full(p.grad).tolist() for n, p in pm.module.named_parameters()}
-        result[name] = {"loss": loss.item(), "saved_bytes": sum(saved.values()), "grads": grads}
+    """On 2 ranks, for each config: the loss and gradients of a batch of many short
+    documents (model.doc_mask), and the bytes of activations autograd saved for backward
+    on this rank. Rank 0 writes them to `out` (JSON)."""
+    result = {name: probe_one(cfg) for name, cfg in cfgs.items()}
     if rank == 0:
         Path(out).write_text(json.dumps(result))
 
 
-def storage_of(t: torch.Tensor) -> int:
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.untyped_storage().data_ptr()
+def probe_one(cfg: dict) -> dict[str, Any]:
+    """One forward + backward of `document_batch` under `cfg`'s layout."""
+    _, pm, _ = build_training_state(cfg)
+    ids = document_batch(cfg)
+    weights = {storage_of(p) for p in pm.module.parameters()}
+    saved: dict[int, int] = {}  # storage -> bytes: a tensor saved twice counts once
 
+    def count(t: torch.Tensor) -> torch.Tensor:
+        if storage_of(t) not in weights:  # activations only, not the weights
+            saved[storage_of(t)] = local_tensor(t).untyped_storage().nbytes()
+        return t
 
-def pm_loss_context(pm):
     from trainer.parallel.tensor_parallel import loss_context
 
-    return loss_context(pm.loss_parallel)
+    with loss_context(pm.loss_parallel):
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            loss = pm.wrapped(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+    grads = {n: summary(p.grad) for n, p in pm.module.named_parameters()}
+    return {"loss": loss.item(), "saved_bytes": sum(saved.values()), "grads": grads}
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `t`: a DTensor's local shard, a pending collective's buffer."""
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.elem if isinstance(t, AsyncCollectiveTensor) else t
+
+
+def storage_of(t: torch.Tensor) -> int:
+    return local_tensor(t).untyped_storage().data_ptr()
+
+
+def summary(t: torch.Tensor) -> list[float]:
     """A gradient as one process holds it, reduced to a few numbers to compare."""
     t = t.full_tensor() if hasattr(t, "full_tensor") else t
-    return torch.stack([t.sum(), t.square().sum(), t.flatten()[:7].sum()])
+    return torch.stack([t.sum(), t.square().sum(), t.flatten()[:7].sum()]).tolist()
 
 
 EOT = 3
@@ -201,29 +206,132 @@ def probe_config(root: Path, layout: dict, model: dict, **extra: Any) -> dict:
     return config(root, layout, {**model, **extra})
 
 
+DOC_MASK = {"doc_mask": True, "eot_id": EOT, "doc_positions": "reset"}
+PROBES = {
+    "gpt2_tp": (parallel("tp"), MODEL),
+    "gpt2_sp": (SP, MODEL),
+    "gpt2_sp_lp": (SP_LP, MODEL),
+    "llama_tp": (parallel("tp"), LLAMA),
+    "llama_sp": (SP, LLAMA),
+    "llama_sp_lp": (SP_LP, LLAMA),
+}
+
+
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("probe")
-    doc = {"doc_mask": True, "eot_id": EOT, "doc_positions": "reset"}
     cfgs = {
-        "gpt2_tp": probe_config(root, parallel("tp"), MODEL, **doc),
-        "gpt2_sp_lp": probe_config(root, SP_LP, MODEL, **doc),
-        "llama_tp": probe_config(root, parallel("tp"), LLAMA, **doc),
-        "llama_sp_lp": probe_config(root, SP_LP, LLAMA, **doc),
-        "llama_sp": probe_config(root, SP, LLAMA, **doc),
+        name: config(root / name, layout, {**model, **DOC_MASK})
+        for name, (layout, model) in PROBES.items()
     }
     out = root / "probe.json"
     spawn(2, probe_worker, cfgs, str(out))
     return json.loads(out.read_text())
 
 
-def single_process(cfg: dict) -> dict[str, Any]:
-    """The probe's loss and gradients computed by one process (same seed, same batch)."""
-    _, pm, _ = build_training_state({**cfg, "parallel": {}})
+def single_process(model: dict, root: Path, doc_mask: bool = True) -> dict[str, Any]:
+    """What `probe_one` finds, computed by one process (same seed, same batch)."""
+    masking = DOC_MASK if doc_mask else {"doc_mask": False, "doc_positions": "continue"}
+    cfg = config(root, {}, {**model, **masking})
+    _, pm, _ = build_training_state(cfg)
     ids = document_batch(cfg)
     loss = pm.wrapped(ids[:, :-1], ids[:, 1:])
     loss.backward()
     return {
         "loss": loss.item(),
-        "grads": {n: full(p.grad).tolist() for n, p in pm.module.named_parameters()},
+        "grads": {n: summary(p.grad) for n, p in pm.module.named_parameters()},
     }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in PROBES if "_sp" in n])
+def test_doc_mask_under_sequence_parallel_matches_single_process(probe, name, tmp_path):
+    """Windows of many short documents (an EOT every ~5 tokens, positions restarting per
+    document): the document ids come from the whole token ids at the model's entry and
+    attention runs on the whole sequence, so TP + SP computes one process's loss and
+    gradients."""
+    model = PROBES[name][1]
+    want, got = single_process(model, tmp_path), probe[name]
+    assert abs(got["loss"] - want["loss"]) <= LOSS_ATOL
+    without_mask = single_process(model, tmp_path, doc_mask=False)
+    # the mask matters in this batch: without it the gradients are others
+    changed = [
+        k
+        for k, v in want["grads"].items()
+        if v != pytest.approx(without_mask["grads"][k], rel=1e-2)
+    ]
+    assert len(changed) > len(want["grads"]) // 2, changed
+    assert got["grads"].keys() == want["grads"].keys()
+    for key, value in want["grads"].items():
+        torch.testing.assert_close(
+            torch.tensor(got["grads"][key]), torch.tensor(value), rtol=1e-4, atol=1e-6, msg=key
+        )
+
+
+def norm_saved_bytes_per_token(arch: str, d: int) -> int:
+    """What autograd keeps of one token in one norm (fp32): LayerNorm its input, mean and
+    1/std; our RMSNorm its input, the normalised input and 1/rms."""
+    return 4 * (d + 2 if arch == "gpt2" else 2 * d + 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, model", [("gpt2", MODEL), ("llama", LLAMA)])
+def test_sequence_and_loss_parallel_activation_memory_per_rank(probe, arch, model):
+    """Bytes of activations saved for backward on a rank (one forward, 4 x 32 tokens):
+
+    - SP keeps only T / tp tokens of every norm's saved tensors (2 per block + the final
+      one): it saves (1 - 1/tp) of them. The tensors saved inside attention and the MLP do not
+      shrink: a column-parallel layer keeps its all-gathered (whole-sequence) input.
+    - LP keeps the log-probabilities of V / tp vocabulary columns (rank 0: ceil(257 / 2) =
+      129) instead of all V.
+
+    The measured differences are these formulas (docs/tensor_parallel.md)."""
+    tokens, tp, vocab = 4 * model["block_size"], 2, 257
+    norms = 2 * model["n_layer"] + 1
+    sp_saves = norms * norm_saved_bytes_per_token(arch, model["n_embd"]) * tokens * (1 - 1 / tp)
+    lp_saves = 4 * tokens * (vocab - -(-vocab // tp))
+    tp_bytes, sp_bytes = probe[f"{arch}_tp"]["saved_bytes"], probe[f"{arch}_sp"]["saved_bytes"]
+    assert tp_bytes - sp_bytes == pytest.approx(sp_saves, rel=0.01)
+    assert sp_bytes - probe[f"{arch}_sp_lp"]["saved_bytes"] == pytest.approx(lp_saves, rel=0.01)
+
+
+# --- 4. what they need --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "world, layout, model, match",
+    [
+        (1, {"sequence_parallel": True}, MODEL, r"^parallel\.sequence_parallel=true needs tensor"),
+        (2, {"dp_shard": 2, "loss_parallel": True}, MODEL, r"^parallel\.loss_parallel=true needs"),
+        (
+            2,
+            {"tp": 2, "sequence_parallel": True},
+            {**MODEL, "block_size": 31},
+            r"must divide model\.block_size=31",
+        ),
+        (
+            4,
+            {"tp": 2, "pp": 2, "loss_parallel": True},
+            MODEL,
+            r"^parallel\.loss_parallel=true is not supported with parallel\.pp>1",
+        ),
+        (
+            4,
+            {"tp": 2, "pp": 2, "sequence_parallel": True},
+            MODEL,
+            r"^parallel\.sequence_parallel=true is not supported with parallel\.pp>1",
+        ),
+    ],
+    ids=["sp-without-tp", "lp-without-tp", "sp-uneven-sequence", "lp-with-pp", "sp-with-pp"],
+)
+def test_sequence_and_loss_parallel_refusals(tmp_path, world, layout, model, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(config(tmp_path / "run", layout, model), world_size=world)
+
+
+def test_tp_sp_preset_turns_both_on(tmp_path):
+    cfg = load_config(config(tmp_path / "run", SP_LP), world_size=2)
+    p = cfg.parallel
+    assert (p.tp, p.sequence_parallel, p.loss_parallel) == (2, True, True)
+    off = load_config(config(tmp_path / "run", parallel("tp")), world_size=2).parallel
+    assert (off.sequence_parallel, off.loss_parallel) == (False, False)  # single.yaml's
