@@ -30,6 +30,7 @@ def layouts(n: int, micro: int) -> list[tuple[str, int, list[str]]]:
         (f"FSDP x{n}", n, ["parallel=fsdp", f"train.micro_batch_size={per_rank}"]),
         (f"ZeRO-2 x{n}", n, ["parallel=zero2", f"train.micro_batch_size={per_rank}"]),
         (f"TP x{n}", n, ["parallel=tp", f"train.micro_batch_size={micro}"]),
+        (f"TP+SP+LP x{n}", n, ["parallel=tp_sp", f"train.micro_batch_size={micro}"]),
         (
             f"PP x{n} (1F1B)",
             n,

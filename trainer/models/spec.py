@@ -103,12 +103,16 @@ class ModelSpec:
 
 def sequence_gathered(n_inputs: int = 1) -> PrepareModuleInput:
     """SP: a TP region's entry (attention, MLP): all-gather the first input's sequence;
-    the others (KV cache, documents) pass unchanged."""
+    the others (KV cache, documents) pass unchanged.
+
+    The gathered input stays a DTensor (`use_local_output=False`), so the column-parallel
+    layers that read it (q, k and v) add their partial input gradients into one DTensor, and
+    backward reduce-scatters that once per region instead of all-reducing each of them."""
     rest = (None,) * (n_inputs - 1)
     return PrepareModuleInput(
         input_layouts=(Shard(1), *rest),
         desired_input_layouts=(Replicate(), *rest),
-        use_local_output=True,
+        use_local_output=False,
     )
 
 
