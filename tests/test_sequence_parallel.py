@@ -54,6 +54,8 @@ LAYOUTS: dict[str, Job] = {
     "llama_tp2_sp": Job(2, SP, model=LLAMA, ref="llama_single"),
     "llama_tp2_sp_lp": Job(2, SP_LP, model=LLAMA, ref="llama_single"),
     "tp2_sp_lp_compile": Job(2, SP_LP, {"compile": True}),
+    # 2-D: FSDP shards the TP (+ SP + LP) slices, the tied vocabulary-sharded weight too
+    "fsdp2_tp2_sp_lp": Job(4, {**SP_LP, "dp_shard": 2, "tp": 2}, {"micro_batch_size": 2}),
 }
 STOPPED = {"tp2_sp_lp_stop3": Job(2, SP_LP, stop_at=RESUME_AT)}
 SINGLE = {
@@ -84,11 +86,16 @@ def sp_runs(tmp_path_factory) -> Runs:
     for name, job in SINGLE.items():
         stop = None if job.stop_at is None else (lambda step, at=job.stop_at: step >= at)
         run(job_config(root, name, job), stop_requested=stop)
-    group = [
-        (name, job_config(root, name, job), job.stop_at)
-        for name, job in {**LAYOUTS, **STOPPED}.items()
-    ]
-    return Runs(root, run_jobs(2, group, root / "status"))
+    jobs = {**LAYOUTS, **STOPPED}
+    failures: dict[str, str] = {}
+    for world in sorted({job.world for job in jobs.values()}):
+        group = [
+            (name, job_config(root, name, job), job.stop_at)
+            for name, job in jobs.items()
+            if job.world == world
+        ]
+        failures |= run_jobs(world, group, root / f"status_{world}")
+    return Runs(root, failures)
 
 
 # --- 1. they train like one process -------------------------------------------------------
@@ -100,7 +107,7 @@ def test_losses_and_parameters_match_single_process(sp_runs, name):
     job = LAYOUTS[name]
     got, want = records(sp_runs.dir(name)), records(sp_runs.dir(job.reference))
     state = checkpoint.read_trainer_state(checkpoint.latest(sp_runs.dir(name)))
-    assert state["world_size"] == 2 and state["config"]["parallel"]["tp"] == 2
+    assert state["world_size"] == job.world and state["config"]["parallel"]["tp"] == 2
     for key in ("sequence_parallel", "loss_parallel"):
         assert state["config"]["parallel"][key] == job.parallel[key], key
     assert_close_per_step(got, want, "loss", LOSS_ATOL)
