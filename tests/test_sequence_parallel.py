@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 
 from trainer import checkpoint
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, check_layout, load_config
 from trainer.train import run
 
 pytestmark = pytest.mark.multiproc
@@ -334,6 +335,14 @@ def test_sequence_and_loss_parallel_activation_memory_per_rank(probe, arch, mode
 def test_sequence_and_loss_parallel_refusals(tmp_path, world, layout, model, match):
     with pytest.raises(ConfigError, match=match):
         load_config(config(tmp_path / "run", layout, model), world_size=world)
+
+
+def test_hellaswag_is_refused_under_sequence_parallel(tmp_path):
+    """HellaSwag rows have any length; an uneven sequence split breaks the collectives."""
+    cfg = load_config(config(tmp_path / "run", SP), world_size=2)
+    with_hellaswag = replace(cfg, eval=replace(cfg.eval, hellaswag=str(tmp_path / "hs.jsonl")))
+    with pytest.raises(ConfigError, match=r"^eval\.hellaswag is not supported with parallel\.seq"):
+        check_layout(with_hellaswag)
 
 
 def test_tp_sp_preset_turns_both_on(tmp_path):

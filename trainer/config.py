@@ -692,6 +692,11 @@ def check_tp_extras(cfg: Config) -> None:
             f"parallel.sequence_parallel=true: parallel.tp={p.tp} must divide "
             f"model.block_size={m.block_size}",
         )
+        _require(
+            not cfg.eval.hellaswag,
+            "eval.hellaswag is not supported with parallel.sequence_parallel=true: its rows "
+            "have any length, and the sequence must split evenly over the tp ranks",
+        )
 
 
 def with_dataset(cfg: Config) -> Config:
