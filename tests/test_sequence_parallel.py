@@ -55,6 +55,9 @@ LAYOUTS: dict[str, Job] = {
     "llama_tp2_sp": Job(2, SP, model=LLAMA, ref="llama_single"),
     "llama_tp2_sp_lp": Job(2, SP_LP, model=LLAMA, ref="llama_single"),
     "tp2_sp_lp_compile": Job(2, SP_LP, {"compile": True}),
+    "llama_tp2_sp_lp_actckpt": Job(
+        2, SP_LP, {"activation_checkpointing": True}, model=LLAMA, ref="llama_single"
+    ),
     # 2-D: FSDP shards the TP (+ SP + LP) slices, the tied vocabulary-sharded weight too
     "fsdp2_tp2_sp_lp": Job(4, {**SP_LP, "dp_shard": 2, "tp": 2}, {"micro_batch_size": 2}),
 }
