@@ -46,7 +46,7 @@ LP = parallel("tp", loss_parallel=True)
 Z_LOSS = {"z_loss": 1e-2}  # large enough that a wrong z gradient moves the losses
 RESUME_AT = 3
 
-# name -> (job, the single-process run it must match)
+# each against the single-process run of its `ref` ("single" by default)
 LAYOUTS: dict[str, Job] = {
     "tp2_sp": Job(2, SP),
     "tp2_lp_z": Job(2, LP, Z_LOSS, ref="single_z"),
@@ -211,10 +211,6 @@ def document_batch(cfg: dict) -> torch.Tensor:
     )
     ids[torch.rand(ids.shape, generator=g) < 0.2] = EOT
     return ids
-
-
-def probe_config(root: Path, layout: dict, model: dict, **extra: Any) -> dict:
-    return config(root, layout, {**model, **extra})
 
 
 DOC_MASK = {"doc_mask": True, "eot_id": EOT, "doc_positions": "reset"}
