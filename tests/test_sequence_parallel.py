@@ -51,9 +51,9 @@ LAYOUTS: dict[str, Job] = {
     "tp2_sp": Job(2, SP),
     "tp2_lp_z": Job(2, LP, Z_LOSS, ref="single_z"),
     "tp2_sp_lp_z": Job(2, SP_LP, Z_LOSS, ref="single_z"),
-    # train.compile=true: each block compiled after TP + SP (the DTensor ops traced)
     "llama_tp2_sp": Job(2, SP, model=LLAMA, ref="llama_single"),
     "llama_tp2_sp_lp": Job(2, SP_LP, model=LLAMA, ref="llama_single"),
+    # train.compile=true: each block compiled after TP + SP (the DTensor ops traced)
     "tp2_sp_lp_compile": Job(2, SP_LP, {"compile": True}),
     "llama_tp2_sp_lp_actckpt": Job(
         2, SP_LP, {"activation_checkpointing": True}, model=LLAMA, ref="llama_single"
