@@ -38,6 +38,7 @@ def layouts(n: int, micro: int) -> list[tuple[str, int, list[str]]]:
         (f"TP x{n}", n, ["parallel=tp", f"train.micro_batch_size={micro}"]),
         # every rank reads the whole batch and computes 1/n of each sequence
         (f"CP x{n}", n, ["parallel=cp", f"train.micro_batch_size={micro}"]),
+        (f"TP+SP+LP x{n}", n, ["parallel=tp_sp", f"train.micro_batch_size={micro}"]),
         (
             f"PP x{n} (1F1B)",
             n,

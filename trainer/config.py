@@ -201,6 +201,8 @@ class ParallelConfig:
     pp_schedule: str  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     pp_microbatches: int  # per pipeline step; must divide train.micro_batch_size
     pp_virtual_stages: int  # pipeline stages per rank (interleaved_1f1b, zero_bubble)
+    sequence_parallel: bool  # TP: norms/dropout/residuals sharded over the sequence
+    loss_parallel: bool  # TP: logits (and the embedding) sharded over the vocabulary
 
     @property
     def world_size(self) -> int:
@@ -692,6 +694,7 @@ def check_layout(cfg: Config) -> None:
         not (p.zero1 and cfg.precision == "fp16"),
         "parallel.zero1=true with precision=fp16 is not supported; use bf16 or fp32",
     )
+    check_tp_extras(cfg)
     _require(
         not (m.doc_mask and p.pp > 1),
         f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "
@@ -755,6 +758,32 @@ def check_pipeline_schedule(cfg: Config) -> None:
         f"parallel.pp_schedule={p.pp_schedule} with dp_shard={p.dp_shard}, tp={p.tp}: "
         "combining it with FSDP or TP is not supported yet (use gpipe or 1f1b)",
     )
+
+
+def check_tp_extras(cfg: Config) -> None:
+    """What sequence parallel and loss parallel need: tensor parallel to extend (and for SP
+    a sequence that splits evenly; an uneven vocabulary split works)."""
+    p, m = cfg.parallel, cfg.model
+    for key in ("sequence_parallel", "loss_parallel"):
+        if getattr(p, key):
+            _require(p.tp > 1, f"parallel.{key}=true needs tensor parallel (parallel.tp>1)")
+            _require(p.pp == 1, f"parallel.{key}=true is not supported with parallel.pp>1")
+    _require(
+        p.cp == 1 or not (p.sequence_parallel or p.loss_parallel),
+        f"parallel.cp={p.cp}: context parallel with sequence/loss parallel is not supported "
+        "(untested together)",
+    )
+    if p.sequence_parallel:
+        _require(
+            m.block_size % p.tp == 0,
+            f"parallel.sequence_parallel=true: parallel.tp={p.tp} must divide "
+            f"model.block_size={m.block_size}",
+        )
+        _require(
+            not cfg.eval.hellaswag,
+            "eval.hellaswag is not supported with parallel.sequence_parallel=true: its rows "
+            "have any length, and the sequence must split evenly over the tp ranks",
+        )
 
 
 def with_dataset(cfg: Config) -> Config:

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    SequenceParallel,
+)
 
 from trainer.config import ModelConfig
 
@@ -68,8 +74,12 @@ class ModelSpec:
     last_stage: tuple[str, ...]  # attributes only the last stage runs (final norm, output)
     embedding: str  # the token embedding (its weight is the input side of a tied pair)
     output: str  # the output layer (its weight is the output side of a tied pair)
-    # tensor parallel plan inside one block: submodule name -> ColwiseParallel() / ...
-    tp_block_plan: Callable[[ModelConfig], Mapping[str, ParallelStyle]]
+    # tensor parallel plan inside one block: submodule name -> ColwiseParallel() / ...;
+    # (cfg, sequence_parallel)
+    tp_block_plan: Callable[[ModelConfig, bool], Mapping[str, ParallelStyle]]
+    # the plan of the layers around the blocks (embeddings, final norm, output layer):
+    # (cfg, sequence_parallel, loss_parallel); empty for plain TP (they stay replicated)
+    tp_model_plan: Callable[[ModelConfig, bool, bool], Mapping[str, ParallelStyle]]
     # training FLOPs per token (forward + backward) for a model with `n_params` parameters
     flops_per_token: Callable[[ModelConfig, int], float]
     # model.* keys a checkpoint's weights depend on (a resume with another value is refused)
@@ -83,3 +93,51 @@ class ModelSpec:
         if not cfg.tie_embeddings:
             return ()
         return ((f"{self.embedding}.weight", f"{self.output}.weight"),)
+
+
+# ------------------------------------------------- tensor parallel styles the plans share
+# Under sequence parallel (SP) the activations between the TP regions are sharded over the
+# sequence (Shard(1) of (B, T, d)); inside attention and the MLP every rank needs the whole
+# sequence, so each TP region starts with an all-gather and ends with a reduce-scatter.
+
+
+def sequence_gathered(n_inputs: int = 1) -> PrepareModuleInput:
+    """SP: a TP region's entry (attention, MLP): all-gather the first input's sequence;
+    the others (KV cache, documents) pass unchanged.
+
+    The gathered input stays a DTensor (`use_local_output=False`), so the column-parallel
+    layers that read it (q, k and v) add their partial input gradients into one DTensor, and
+    backward reduce-scatters that once per region instead of all-reducing each of them."""
+    rest = (None,) * (n_inputs - 1)
+    return PrepareModuleInput(
+        input_layouts=(Shard(1), *rest),
+        desired_input_layouts=(Replicate(), *rest),
+        use_local_output=False,
+    )
+
+
+def sequence_split() -> PrepareModuleInput:
+    """SP: the start of the sequence-sharded region (the dropout after the embeddings): each
+    rank keeps its slice of the replicated activations (a local slice, no communication)."""
+    return PrepareModuleInput(
+        input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+    )
+
+
+def output_plan(norm: str, output: str, sp: bool, lp: bool) -> dict[str, ParallelStyle]:
+    """The final norm and the output layer: under SP the norm runs on sequence shards; under
+    loss parallel (LP) the output layer is split by vocabulary and its logits stay a DTensor
+    sharded over it (trainer/models/loss.py computes the loss from the shards)."""
+    plan: dict[str, ParallelStyle] = {}
+    if sp:
+        plan[norm] = SequenceParallel()
+    seq = Shard(1) if sp else Replicate()
+    if lp:
+        plan[output] = ColwiseParallel(
+            input_layouts=seq, output_layouts=Shard(-1), use_local_output=False
+        )
+    elif sp:  # a replicated output layer: it needs the whole sequence
+        plan[output] = PrepareModuleInput(
+            input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    return plan

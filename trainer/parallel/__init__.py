@@ -40,7 +40,7 @@ from trainer.parallel.pipeline import (
     tied_weight,
     tied_weight_group,
 )
-from trainer.parallel.tensor_parallel import apply_tp
+from trainer.parallel.tensor_parallel import apply_tp, loss_context
 
 __all__ = ["Layout", "ParallelModel", "build_layout", "parallelize"]
 
@@ -63,6 +63,7 @@ class ParallelModel:
     z_loss: float = 0.0  # train.z_loss: the weight of the z term in the training loss
     z_record: list[torch.Tensor] = field(default_factory=list)  # pp: (ce, z) per micro-batch
     cp: ContextParallel | None = None  # cp > 1: each sequence split over the cp group
+    loss_parallel: bool = False  # parallel.loss_parallel: the loss runs in its context
 
     def forward_backward(self, x, y, sync: bool, scaler, autocast) -> LossTerms | None:
         """One micro-batch: forward, backward, gradients accumulate. Returns the mean loss
@@ -73,7 +74,9 @@ class ParallelModel:
         self.set_sync(sync)
         if self.schedule is None:
             x, y, sequence = self._local_tokens(x, y)
-            with sequence:  # around backward too: activation checkpointing recomputes there
+            # around backward too: activation checkpointing recomputes there, and the sharded
+            # logits' loss needs its context for its gradient
+            with sequence, loss_context(self.loss_parallel):
                 with autocast:
                     terms = self.wrapped(x, y, z_loss=self.z_loss)
                 scaler.scale(terms.objective(self.z_loss) / self.grad_accum).backward()
@@ -95,7 +98,7 @@ class ParallelModel:
     def eval_loss(self, x, y, autocast) -> torch.Tensor | None:
         if self.schedule is None:
             x, y, sequence = self._local_tokens(x, y)
-            with sequence, autocast:
+            with sequence, loss_context(self.loss_parallel), autocast:
                 return self.wrapped(x, y).detach()
         losses: list[torch.Tensor] = []
         with autocast:
@@ -171,7 +174,7 @@ def parallelize(
         stages = rank_stages(p.pp, p.pp_virtual_stages, layout.pp_rank)
         model = split_model(model, n_stages, stages, spec)
     if mesh is not None and p.tp > 1:
-        apply_tp(model, mesh["tp"], spec)
+        apply_tp(model, mesh["tp"], spec, p.sequence_parallel, p.loss_parallel)
     blocks = getattr(model, spec.layers)
     if t.activation_checkpointing:
         apply_activation_checkpointing(blocks)
@@ -201,6 +204,7 @@ def parallelize(
         set_sync=set_sync,
         z_loss=t.z_loss,
         cp=ContextParallel(mesh["cp"]) if mesh is not None and p.cp > 1 else None,
+        loss_parallel=p.loss_parallel,
     )
     if pipelined:
         add_pipeline(result, cfg, stages, n_stages, device)

@@ -3,27 +3,62 @@ for the registry."""
 
 from __future__ import annotations
 
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from trainer.models.llama import hf
 from trainer.models.llama.model import Llama, ffn_hidden, flops_per_token
-from trainer.models.spec import HFFormat, ModelSpec
+from trainer.models.spec import (
+    HFFormat,
+    ModelSpec,
+    output_plan,
+    sequence_gathered,
+    sequence_split,
+)
 
 
-def tp_block_plan(cfg):
+def tp_block_plan(cfg, sequence_parallel: bool = False):
     """Megatron-style: q, k, v split by columns (each rank n_head/tp query heads and
     n_kv_head/tp key/value heads), the SwiGLU's gate and up projections by columns (the same
     hidden units on a rank, so the gating stays local), o_proj and down_proj by rows (partial
-    sums, all-reduced)."""
-    return {
+    sums, all-reduced).
+
+    With sequence parallel the RMSNorms run on sequence shards, attention and the MLP
+    all-gather the sequence at their entry, and o_proj / down_proj reduce-scatter their
+    partial sums into sequence shards instead of all-reducing them."""
+    sp = sequence_parallel
+    rows = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
+    plan = {
         "attn.q_proj": ColwiseParallel(),
         "attn.k_proj": ColwiseParallel(),
         "attn.v_proj": ColwiseParallel(),
-        "attn.o_proj": RowwiseParallel(),
+        "attn.o_proj": rows,
         "mlp.gate_proj": ColwiseParallel(),
         "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(),
+        "mlp.down_proj": rows,
     }
+    if sp:
+        plan |= {
+            "attn_norm": SequenceParallel(),
+            "attn": sequence_gathered(n_inputs=3),  # (x, cache, docs)
+            "mlp_norm": SequenceParallel(),
+            "mlp": sequence_gathered(),
+        }
+    return plan
+
+
+def tp_model_plan(cfg, sequence_parallel: bool, loss_parallel: bool):
+    """Around the blocks. Loss parallel splits the token embedding by vocabulary rows: each
+    rank looks up the ids in its rows (zeros elsewhere) and the partial embeddings are summed,
+    under sequence parallel by a reduce-scatter straight into sequence shards; the output
+    layer by vocabulary columns (tied or not: both are Shard(0) of their weight)."""
+    plan = {}
+    if loss_parallel:
+        seq = Shard(1) if sequence_parallel else Replicate()
+        plan["tok_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    elif sequence_parallel:
+        plan["drop"] = sequence_split()
+    return plan | output_plan("final_norm", "lm_head", sequence_parallel, loss_parallel)
 
 
 def check_layout(m, p) -> str | None:
@@ -57,6 +92,7 @@ SPEC = ModelSpec(
     embedding="tok_emb",
     output="lm_head",
     tp_block_plan=tp_block_plan,
+    tp_model_plan=tp_model_plan,
     flops_per_token=flops_per_token,
     # block_size is not among them: rotary positions have no weights.
     shape_keys=(
