@@ -62,6 +62,8 @@ LAYOUTS: dict[str, Job] = {
     "pp2": layout(2, parallel("pp", pp_microbatches=2)),
     "fsdp2_actckpt": layout(2, parallel("fsdp"), micro_batch_size=2, activation_checkpointing=True),
     "hsdp2x2": layout(4, parallel("hsdp", dp_replicate=2, dp_shard=2), micro_batch_size=1),
+    "zero1_2": layout(2, parallel("zero1"), micro_batch_size=2),
+    "cp2": layout(2, parallel("cp")),  # each sequence split over 2 ranks (FSDP over cp)
 }
 SINGLE = layout(1, {})
 # A one-process checkpoint continued by a compiled pipeline (tied embedding split in two).
