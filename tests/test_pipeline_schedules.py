@@ -62,7 +62,10 @@ LAYOUTS: dict[str, Job] = {
     "llama_tied_interleaved": Job(2, interleaved(), model=LLAMA_TIED, ref="llama_tied_single"),
     "llama_tied_zero_bubble": Job(2, zero_bubble(), model=LLAMA_TIED, ref="llama_tied_single"),
 }
-STOPPED = {"interleaved_stop3": Job(2, interleaved(), stop_at=RESUME_AT)}
+STOPPED = {
+    "interleaved_stop3": Job(2, interleaved(), stop_at=RESUME_AT),
+    "zero_bubble_stop3": Job(2, zero_bubble(), stop_at=RESUME_AT),
+}
 # Resumed from step 3 of another layout's run (`resume=` its checkpoint, a fresh run dir), in
 # the same process group after the run that wrote it.
 RESUMED = {
@@ -71,6 +74,10 @@ RESUMED = {
         "interleaved_stop3",
     ),
     "interleaved_from_single": (Job(2, interleaved()), "single_stop3"),
+    "fsdp_from_zero_bubble": (
+        Job(2, parallel("fsdp"), {"micro_batch_size": 2}),
+        "zero_bubble_stop3",
+    ),
 }
 SINGLE = {
     "single": Job(1, {}),
@@ -156,14 +163,15 @@ def test_checkpoint_holds_the_full_models_names(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESUMED))
 def test_checkpoint_resumes_exactly_in_another_layout(runs, name):
-    """Interleaved PP (2 ranks x 2 stages) stopped after step 3 -> FSDP 2, and one process
-    stopped after step 3 -> interleaved PP: steps 4-5 as an uninterrupted one-process run."""
+    """Interleaved PP and zero bubble (2 ranks x 2 stages) stopped after step 3 -> FSDP 2, and
+    one process stopped after step 3 -> interleaved PP: steps 4-5 as an uninterrupted
+    one-process run."""
     job, source = RESUMED[name]
     state = checkpoint.read_trainer_state(checkpoint.latest(runs.dir(name)))
     assert (state["step"], state["world_size"]) == (STEPS, 2)
     assert checkpoint.read_trainer_state(runs.dir(source) / CHECKPOINTS / f"step_{RESUME_AT}")[
         "config"
-    ]["parallel"]["pp_virtual_stages"] == (2 if "interleaved" in source else 1)
+    ]["parallel"]["pp_virtual_stages"] == (1 if source == "single_stop3" else 2)
     assert state["config"]["parallel"]["pp_virtual_stages"] == job.parallel["pp_virtual_stages"]
     want = records(runs.dir("single"))
     assert_close_per_step(records(runs.dir(name)), want, "loss", LOSS_ATOL, [4, 5])
@@ -238,9 +246,11 @@ def test_bad_schedule_is_a_config_error(tmp_path, layout, model, match):
         load_config(cfg, world_size=world)
 
 
-def test_compile_with_interleaved_pp_is_refused(tmp_path):
-    cfg = config(tmp_path / "run", interleaved(), compile=True)
-    with pytest.raises(ConfigError, match=r"train\.compile=true is not supported with pipeline"):
+@pytest.mark.parametrize("schedule", [interleaved, zero_bubble])
+@pytest.mark.parametrize("key", ["compile", "activation_checkpointing"])
+def test_compile_or_recomputation_with_a_multi_stage_schedule_is_refused(tmp_path, schedule, key):
+    cfg = config(tmp_path / "run", schedule(), **{key: True})
+    with pytest.raises(ConfigError, match=rf"train\.{key}=true is not supported with pipeline"):
         load_config(cfg, world_size=2)
 
 

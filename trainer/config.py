@@ -36,6 +36,7 @@ from data_prep.shards import DatasetError, read_manifest
 
 CONFIG_MODULE = "cluster_configs"  # the YAML tree, shipped as a package
 PRECISIONS = ("fp32", "bf16", "fp16")
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank; the others take several
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 WANDB_MODES = ("disabled", "offline", "online")
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
@@ -725,7 +726,7 @@ def check_pipeline_schedule(cfg: Config) -> None:
     """Stages per rank and micro-batches that `parallel.pp_schedule` can run."""
     p, m = cfg.parallel, cfg.model
     v, key = p.pp_virtual_stages, f"parallel.pp_virtual_stages={p.pp_virtual_stages}"
-    if p.pp_schedule in ("gpipe", "1f1b"):
+    if p.pp_schedule in SINGLE_STAGE_SCHEDULES:
         _require(
             v == 1,
             f"{key}: pp_schedule={p.pp_schedule} runs one stage per rank "
@@ -748,11 +749,15 @@ def check_pipeline_schedule(cfg: Config) -> None:
         f"parallel.pp_microbatches={p.pp_microbatches} must be a multiple of parallel.pp="
         f"{p.pp} for pp_schedule={p.pp_schedule} (micro-batches go round in groups of pp)",
     )
-    _require(
-        not cfg.train.compile,
-        f"train.compile=true is not supported with pipeline schedule {p.pp_schedule} (several "
-        "stage views share one rank's compiled blocks); use gpipe or 1f1b to compile",
-    )
+    for key, on in (
+        ("train.compile", cfg.train.compile),
+        ("train.activation_checkpointing", cfg.train.activation_checkpointing),
+    ):
+        _require(
+            not on,
+            f"{key}=true is not supported with pipeline schedule {p.pp_schedule} (untested with "
+            "its stage views and split backward); use gpipe or 1f1b for it",
+        )
     _require(
         p.dp_shard == 1 and p.tp == 1,
         f"parallel.pp_schedule={p.pp_schedule} with dp_shard={p.dp_shard}, tp={p.tp}: "

@@ -284,6 +284,7 @@ def _global_batch(config: dict[str, Any]) -> int | None:
 
 
 def _layout(config: dict[str, Any]) -> str:
-    dims = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+    dims = ("pp", "pp_virtual_stages", "dp_replicate", "dp_shard", "cp", "tp")
     # A size a config does not name (cp, in checkpoints from before it existed) was 1.
-    return " ".join(f"{d}={_get(config, 'parallel.' + d) or 1}" for d in dims)
+    layout = " ".join(f"{d}={_get(config, 'parallel.' + d) or 1}" for d in dims)
+    return layout + (" zero1" if _get(config, "parallel.zero1") else "")

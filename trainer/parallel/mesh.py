@@ -34,14 +34,6 @@ class Layout:
     tp_rank: int = 0
     cp_rank: int = 0
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.mesh is None or self.pp_rank == self.mesh["pp"].size() - 1
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
 
 def build_layout(cfg: Config, device_type: str, world_size: int) -> Layout:
     if world_size == 1:

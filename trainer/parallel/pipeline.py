@@ -38,6 +38,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
+from trainer.config import SINGLE_STAGE_SCHEDULES
 from trainer.models.loss import lm_loss
 from trainer.models.spec import ModelSpec
 
@@ -47,7 +48,6 @@ SCHEDULES = {
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "zero_bubble": ScheduleInterleavedZeroBubble,
 }
-SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank; the others take a list
 
 
 def rank_stages(pp: int, virtual: int, pp_rank: int) -> list[int]:
