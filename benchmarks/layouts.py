@@ -48,6 +48,18 @@ def layouts(n: int, micro: int) -> list[tuple[str, int, list[str]]]:
                 f"parallel.pp_microbatches={max(n, micro // 2)}",
             ],
         ),
+        *(
+            (
+                f"PP x{n} ({label}, 2 stages per rank)",
+                n,
+                [
+                    f"parallel={preset}",
+                    f"train.micro_batch_size={micro}",
+                    f"parallel.pp_microbatches={max(n, micro // 2)}",
+                ],
+            )
+            for preset, label in (("pp_interleaved", "interleaved 1F1B"), ("pp_zb", "zero bubble"))
+        ),
     ]
 
 
