@@ -276,6 +276,14 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def assert_same_final_weights(run_dir: Path, reference_dir: Path) -> None:
+    """Every final parameter of the run within PARAM_ATOL of the reference run's."""
+    got, want = final_weights(run_dir), final_weights(reference_dir)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=PARAM_ATOL, msg=key)
+
+
 # --- 1. every layout trains like one process --------------------------------------------
 
 
@@ -298,10 +306,7 @@ def test_losses_match_single_process(runs, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FP32_LAYOUTS)
 def test_final_parameters_match_single_process(runs, name):
-    got, want = final_weights(runs.dir(name)), final_weights(runs.dir(LAYOUTS[name].reference))
-    assert got.keys() == want.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=PARAM_ATOL, msg=key)
+    assert_same_final_weights(runs.dir(name), runs.dir(LAYOUTS[name].reference))
 
 
 # --- 2. memory: FSDP shards the training state, DDP holds a full copy ----------------------

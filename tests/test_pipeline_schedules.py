@@ -12,21 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from multiproc import run_jobs
 from test_distributed import (
     LLAMA,
     LLAMA_TIED,
     LOSS_ATOL,
     MODEL,
-    PARAM_ATOL,
     RESUME_AT,
     STEPS,
     Job,
     Runs,
     assert_close_per_step,
+    assert_same_final_weights,
     config,
-    final_weights,
     job_config,
     parallel,
     records,
@@ -140,10 +138,7 @@ def test_losses_match_single_process(runs, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_final_parameters_match_single_process(runs, name):
-    got, want = final_weights(runs.dir(name)), final_weights(runs.dir(LAYOUTS[name].reference))
-    assert got.keys() == want.keys()
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=0, atol=PARAM_ATOL, msg=key)
+    assert_same_final_weights(runs.dir(name), runs.dir(LAYOUTS[name].reference))
 
 
 @pytest.mark.slow
