@@ -17,6 +17,11 @@ Why one task per node rather than one per GPU: torchrun then owns the processes 
 has to start N tasks. The warning signals (USR1/USR2) that SLURM sends to every process of the
 step are ignored by torchrun itself (an inherited SIG_IGN survives `exec`) and caught by the
 training processes, which checkpoint at the next step boundary and exit cleanly.
+
+A rank that stops answering: its peers wait `dist.timeout_s` in their next collective, then
+NCCL's watchdog dumps each waiting rank's flight recorder into `<run.dir>/flight_recorder/`
+and ends the process (:func:`nccl_environment`, applied by every CUDA training process); a
+failure, which torchrun restarts at most `--max-restarts` times and SLURM never requeues.
 """
 
 from __future__ import annotations
@@ -27,10 +32,25 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+FLIGHT_RECORDER = "flight_recorder"  # <run.dir>/flight_recorder/rank_<N>: NCCL's dumps
+# A variable and the older names torch also reads for it: a user's setting under any of them wins.
+NCCL_DEFAULTS = {
+    # 3: a timed-out or failed collective ends the process (without aborting the communicators
+    # first, which can itself hang); torchrun then stops the other ranks. torch's default
+    # too, set here so that a site-wide 0 cannot turn timeouts into silent hangs.
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"): "3",
+    # The flight recorder: the last 2000 collectives of each rank (what, which group, its
+    # sequence number, state, the Python stack that issued it), kept in a ring buffer ...
+    ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"): "2000",
+    # ... and written to a file per rank when the watchdog sees a timeout.
+    ("TORCH_NCCL_DUMP_ON_TIMEOUT",): "1",
+}
+DUMP_FILE_VARS = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
 
 
 def first_node_address() -> str:
@@ -87,6 +107,35 @@ def prepare_environment(procs_per_node: int) -> None:
     if cpus and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus) // procs_per_node))
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+
+
+def nccl_environment(run_dir: str | Path, env: Mapping[str, str]) -> dict[str, str]:
+    """The variables to add to `env` so that NCCL's watchdog ends a hung job and leaves a
+    trace of it: async error handling, the flight recorder (a ring buffer of each rank's last
+    collectives) and its dump on a timeout into `<run_dir>/flight_recorder/rank_<N>`. Only
+    what `env` does not set already (under the current or an older name).
+
+    After a timeout, `torchfrtrace <run_dir>/flight_recorder --prefix rank_` (torch's
+    analyser, `python -m torch.distributed.flight_recorder.fr_trace`) matches the ranks'
+    records and names the first collective that some rank never joined."""
+    added = {names[0]: value for names, value in NCCL_DEFAULTS.items() if not _any_set(names, env)}
+    if not _any_set(DUMP_FILE_VARS, env):
+        added[DUMP_FILE_VARS[0]] = str(Path(run_dir) / FLIGHT_RECORDER / "rank_")
+    return added
+
+
+def _any_set(names: tuple[str, ...], env: Mapping[str, str]) -> bool:
+    return any(name in env for name in names)
+
+
+def prepare_nccl(run_dir: str | Path) -> None:
+    """In a training process, before its process group exists (NCCL reads these when the
+    group is created): :func:`nccl_environment` into `os.environ`, and the dump folder."""
+    added = nccl_environment(run_dir, os.environ)
+    os.environ.update(added)
+    dump_file = os.environ.get(DUMP_FILE_VARS[0]) or os.environ.get(DUMP_FILE_VARS[1])
+    if dump_file:
+        Path(dump_file).parent.mkdir(parents=True, exist_ok=True)
 
 
 def ignore_warning_signals() -> None:

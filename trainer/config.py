@@ -156,7 +156,12 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int  # 0: only at the end of the run
     keep: int
-    async_save: bool  # write in the background while training continues
+    async_save: bool | str  # auto (async on CUDA) | true | false: write in the background
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    timeout_s: float  # a collective that waits longer ends the run (init_process_group)
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,7 @@ class Config:
     log: LogConfig
     run: RunConfig
     parallel: ParallelConfig
+    dist: DistConfig
     precision: str
     resume: str  # auto | none | PATH to a checkpoint folder
     device: str
@@ -462,6 +468,14 @@ def check_fields(cfg: Config) -> None:
     _require(cfg.eval.steps > 0, f"eval.steps={cfg.eval.steps}: must be a positive number")
     if cfg.eval.hellaswag_examples is not None:
         _positive(cfg, "eval.hellaswag_examples")
+    _require(
+        cfg.checkpoint.async_save in (True, False, "auto"),
+        f"checkpoint.async_save={cfg.checkpoint.async_save!r}: expected auto, true or false",
+    )
+    _require(
+        cfg.dist.timeout_s > 0 and math.isfinite(cfg.dist.timeout_s),
+        f"dist.timeout_s={cfg.dist.timeout_s}: must be a positive number of seconds",
+    )
     _require(
         cfg.checkpoint.interval >= 0,
         f"checkpoint.interval={cfg.checkpoint.interval}: must be >= 0 (0: only at the end)",

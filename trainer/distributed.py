@@ -6,6 +6,7 @@ gloo on CPU. A plain `python` run is a world of one and creates no process group
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -71,9 +72,16 @@ def cpu_threads(requested: int, local_size: int) -> int:
     return threads - 1 if threads > 4 else threads
 
 
-def init(device_name: str = "auto", threads: int = 0) -> tuple[World, torch.device]:
+def init(
+    device_name: str = "auto", threads: int = 0, timeout_s: float | None = None
+) -> tuple[World, torch.device]:
     """Join the job's process group (if there is more than one process), pick our device and
-    set torch's CPU threads (:func:`cpu_threads`)."""
+    set torch's CPU threads (:func:`cpu_threads`).
+
+    `timeout_s` (`dist.timeout_s`): how long a collective may wait for the other ranks before
+    it fails (None: torch's default, 10 min for NCCL, 30 for gloo). On gloo the waiting rank
+    raises (trainer/hangs.py turns that into one line); under NCCL the watchdog thread ends the
+    process (TORCH_NCCL_ASYNC_ERROR_HANDLING, jobs/node.py) after dumping its flight recorder."""
     world = world_from_env()
     torch.set_num_threads(cpu_threads(threads, world.local_size))
     use_cuda = pick_device(device_name).type == "cuda"
@@ -89,6 +97,7 @@ def init(device_name: str = "auto", threads: int = 0) -> tuple[World, torch.devi
             rank=world.rank,
             world_size=world.size,
             device_id=device if use_cuda else None,
+            timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s),
         )
     return world, device
 
@@ -112,9 +121,14 @@ def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (one all-reduce)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def broadcast_flag(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (one all-reduce of a CPU tensor).
+
+    Agreed on the CPU on purpose: the default group of a CUDA run is "cpu:gloo,cuda:nccl", so
+    a CPU tensor goes over gloo and never touches a GPU stream. A CUDA tensor would cost two
+    host syncs a step under NCCL (the copy in, the `.item()` out), each waiting for every
+    kernel queued so far."""
+    t = torch.tensor([1.0 if flag else 0.0])
     return bool(all_reduce_max(t).item() > 0)
 
 

@@ -4,7 +4,8 @@ A cluster warns before it takes the machines away: SLURM sends a signal ahead of
 limit (`--signal`) or on preemption, and SIGTERM at the end. The handler only sets a flag
 (doing real work inside a signal handler is unsafe); the training loop looks at the flag after
 each step, all ranks agree with one all-reduce (any rank's signal stops everyone at the same
-step), a checkpoint is written, and the run returns. Starting it again resumes exactly there.
+step; a CPU tensor over gloo, so the GPU never waits for it), a checkpoint is written, and the
+run returns. Starting it again resumes exactly there.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # this module is imported before torch, to catch signals early
-    import torch
 
 # USR1: our sbatch script's --signal; USR2: submitit's; TERM: the end of the time limit;
 # INT: Ctrl-C (a second Ctrl-C aborts at once, without a checkpoint).
@@ -60,30 +57,32 @@ class StopController:
     A stop comes from a signal (this process's :class:`StopOnSignal`: the launcher's, installed
     early so that none is lost during start-up, or one of its own) or from
     `requested(step)` (tests, benchmarks). Any rank's reason stops every rank at the same
-    step: the flag is all-reduced, so the ranks save the same checkpoint together.
+    step: the flag is all-reduced, so the ranks save the same checkpoint together. The flag is
+    a CPU tensor whatever the training device (:func:`trainer.distributed.broadcast_flag`).
     """
 
     def __init__(
         self,
-        device: torch.device,
         world_size: int,
         requested: Callable[[int], bool] | None = None,
         signals: StopOnSignal | None = None,
     ):
         from trainer.distributed import broadcast_flag  # torch: not at this module's import
 
-        self.device, self.world_size, self.requested = device, world_size, requested
+        self.world_size, self.requested = world_size, requested
         self._any_rank = broadcast_flag
         self._owns_signals = signals is None
         self.signals = signals if signals is not None else StopOnSignal()
         self.reason: str | None = None  # why the run stops early, once it does
+        self.last_step: int | None = None  # the last step boundary this rank reached
 
     def __call__(self, step: int) -> bool:
         """Collective: True on every rank if any rank wants to stop after `step`."""
+        self.last_step = step
         received = self.signals.received
         stop = received is not None or (self.requested is not None and self.requested(step))
         if self.world_size > 1:
-            stop = self._any_rank(stop, self.device)
+            stop = self._any_rank(stop)
         if stop:
             self.reason = f"signal {received.name}" if received else "stop requested"
         return stop

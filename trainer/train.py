@@ -34,6 +34,7 @@ from trainer.config import Config, resolve_config, to_dict
 from trainer.data import BatchLoader, SampleSource, build_source, has_split, tokenizer_folder
 from trainer.errors import TrainingError
 from trainer.evals import hellaswag
+from trainer.hangs import timeouts_end_the_run
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import StepMeter, perplexity
@@ -86,18 +87,20 @@ def run(
     optimizer step the ranks agree whether to stop: on SIGINT (Ctrl-C), SIGUSR1, SIGUSR2 or
     SIGTERM (a scheduler's warning; `signals`: handlers the launcher installed early), or when
     `stop_requested(step)` returns True on any rank, every rank saves a checkpoint and
-    returns. `hooks` hears when the run directory is ours and where the run starts.
+    returns. `hooks` hears when the run directory is ours and where the run starts. A
+    collective that waits longer than `dist.timeout_s` raises `CollectiveTimeout`.
     """
     if not isinstance(cfg, Config):
         cfg = resolve_config(cfg, world_size=distributed.world_from_env().size)
-    world, device = distributed.init(cfg.device, cfg.train.cpu_threads)
+    world, device = distributed.init(cfg.device, cfg.train.cpu_threads, cfg.dist.timeout_s)
     hooks = hooks or RunHooks()
     lock = run_dir_lock(Path(cfg.run.dir), world)
     try:
         hooks.locked()
-        stop = StopController(device, world.size, stop_requested, signals)
+        stop = StopController(world.size, stop_requested, signals)
         try:
-            return train(cfg, world, device, stop, hooks)
+            with timeouts_end_the_run(cfg.dist.timeout_s, lambda: stop.last_step):
+                return train(cfg, world, device, stop, hooks)
         finally:
             stop.close()
     finally:
@@ -271,6 +274,7 @@ def build_checkpointer(
         extra_files=tokenizer_files(cfg),
         log=log.print,
         before_save=guard.check,  # a non-finite state never becomes a checkpoint
+        device=guard.device,  # checkpoint.async_save=auto: in the background on CUDA only
     )
 
 
