@@ -22,6 +22,8 @@ from trainer.checkpoint import saves_in_background
 from trainer.config import ConfigError, load_config
 from trainer.hangs import grace_s
 from trainer.preemption import StopController, StopOnSignal
+from trainer.run_dir import TRAIN_LOG
+from trainer.train import run
 
 TIMEOUT_S = 4
 NCCL_OLD_NAMES = (
@@ -33,9 +35,12 @@ NCCL_OLD_NAMES = (
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-def test_a_stopped_rank_ends_the_run_within_the_timeout(tmp_path):
-    """SIGSTOP rank 1 of a 2-rank DDP run: rank 0 waits dist.timeout_s in its next collective,
-    then the job fails with one line naming the timeout and rank 1 (no hang, no requeue)."""
+@pytest.mark.parametrize("stopped_rank", [1, 0])
+def test_a_stopped_rank_ends_the_run_within_the_timeout(tmp_path, stopped_rank):
+    """SIGSTOP one rank of a 2-rank DDP run: the other waits dist.timeout_s in its next
+    collective, then the job fails with one line naming the timeout and the stopped rank (no
+    hang, no requeue). (Rank 0 too: under a local torchrun the store lives in torchrun.)"""
+    waiting = 1 - stopped_rank
     run_dir = tmp_path / "ddp"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
@@ -48,7 +53,7 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout(tmp_path):
     stopped = None
     try:
         wait_for_steps(run_dir, proc, 5)
-        stopped = worker_pids(proc.pid)[1]  # a child of the torchrun we started
+        stopped = worker_pids(proc.pid)[stopped_rank]  # a child of the torchrun we started
         os.kill(stopped, signal.SIGSTOP)
         started = time.monotonic()
         line = wait_for_line(err_file, "dlt-train: error: collective timed out", proc)
@@ -58,8 +63,8 @@ def test_a_stopped_rank_ends_the_run_within_the_timeout(tmp_path):
             os.kill(stopped, signal.SIGKILL)
         returncode = proc.wait(timeout=60)
     assert returncode != 0  # a failure: the batch script and submitit do not requeue it
-    assert f"(dist.timeout_s={TIMEOUT_S}) on rank 0, after step " in line, line
-    assert line.endswith(": rank 1 of 2 did not answer"), line
+    assert f"(dist.timeout_s={TIMEOUT_S}) on rank {waiting}, after step " in line, line
+    assert line.endswith(f": rank {stopped_rank} of 2 did not answer"), line
     # the timeout, the grace for the others to say they timed out too, a loaded 2-core margin
     assert took < TIMEOUT_S + grace_s(TIMEOUT_S) + 10, took
 
@@ -126,6 +131,14 @@ def test_the_stop_flag_is_agreed_on_a_cpu_tensor(monkeypatch):
 
 
 # ------------------------------------------------------------------ config and checkpoint default
+
+
+def test_a_cpu_run_saves_synchronously_by_default(tiny):
+    """checkpoint.async_save=auto on CPU: written at the step (true: in the background)."""
+    auto = run(tiny("auto", checkpoint={"interval": 2})).run_dir
+    forced = run(tiny("forced", checkpoint={"interval": 2, "async_save": True})).run_dir
+    assert "(written in " in (auto / TRAIN_LOG).read_text()
+    assert "(async, complete " in (forced / TRAIN_LOG).read_text()
 
 
 def test_async_checkpoints_by_default_on_cuda_only():

@@ -69,8 +69,8 @@ def describe_missing(missing: list[int] | None) -> str:
     size = dist.get_world_size()
     if missing is None:
         return (
-            f"the job's store (hosted by rank 0's process) did not answer either: rank 0 of "
-            f"{size} is stuck or gone"
+            f"the job's store did not answer either (jobs/node.py has rank 0 host it): rank 0 "
+            f"of {size} is stuck or gone"
         )
     if not missing:
         return f"every one of the {size} ranks timed out waiting (a collective they disagree on?)"
