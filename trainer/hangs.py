@@ -1,4 +1,4 @@
-"""A rank that stops answering ends the run, with one line, instead of the allocation.
+"""A rank that stops answering ends the run with one line, instead of holding the allocation.
 
 Every collective waits for every rank. When one rank stops (a stuck kernel, a dead node, a
 process stopped by a debugger) the others wait inside their next collective until
