@@ -11,14 +11,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from multiproc import build_training_state, spawn
+from test_distributed import config, parallel
+from torch.distributed.tensor import DTensor
+from torch.optim import adam
 
 from trainer.config import ConfigError, model_config
 from trainer.models import attention, build_model
+from trainer.parallel.pipeline import tied_weight
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 ARCHS = {
@@ -130,3 +136,131 @@ def test_kv_cache_through_flash(flash: StandInFlash, monkeypatch) -> None:
         steps += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(8, idx.size(1))]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     assert len(flash.q_dtypes) == SMALL["n_layer"] * (1 + idx.size(1) - 8)
+
+
+# --- gradient clipping and the optimizer in every layout ----------------------------------
+
+CLIP_LAYOUTS = ("ddp", "fsdp", "tp", "pp")  # 2 gloo ranks each; "single" runs in-process
+MAX_NORM = 0.05  # well below the gradient norm of a fresh model: clipping scales
+
+
+def reference_clip(pm, max_norm: float) -> torch.Tensor:
+    """The clipping foreach clipping replaced: a Python loop over the parameters (one norm and
+    one multiply per parameter). Kept here as the reference."""
+    grads = [p.grad for p in pm.module.parameters() if p.grad is not None]
+    if pm.tied_group is not None and not pm.runs_first_stage:
+        tied = tied_weight(pm.module, pm.spec)
+        grads = [g for g in grads if tied is None or g is not tied.grad]
+    squares = torch.zeros((), device=grads[0].device if grads else "cpu")
+    by_layout: dict[tuple, list] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            by_layout.setdefault((g.device_mesh, g.placements), []).append(g)
+        else:
+            squares = squares + g.detach().float().norm() ** 2
+    for group in by_layout.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        squares = squares + norm.full_tensor().float() ** 2
+    if pm.layout.mesh is not None and pm.layout.mesh["pp"].size() > 1:
+        torch.distributed.all_reduce(squares, group=pm.layout.mesh["pp"].get_group())
+    total = squares.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in pm.module.parameters():
+        if p.grad is not None:
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            grad.mul_(coef)
+    return total
+
+
+def local_grads(pm) -> list[torch.Tensor]:
+    grads = [p.grad for p in pm.module.parameters() if p.grad is not None]
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+
+
+def check_clipping(name: str, cfg: dict) -> None:
+    """One backward in `cfg`'s layout, then the new and the reference clipping on copies of
+    the same gradients: norms and clipped gradients within 1e-6 relative; with clipping off
+    (max_norm=inf) the same norm and the gradients untouched."""
+    _, pm, _ = build_training_state(cfg)
+    x = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(3))
+    y = torch.roll(x, -1, dims=1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    pm.forward_backward(x, y, True, scaler, contextlib.nullcontext())
+    pm.after_backward()
+    before = [g.clone() for g in local_grads(pm)]
+
+    def reset() -> None:
+        for g, saved in zip(local_grads(pm), before, strict=True):
+            g.copy_(saved)
+
+    expected = reference_clip(pm, MAX_NORM)
+    clipped = [g.clone() for g in local_grads(pm)]
+    reset()
+    got = pm.clip_grad_norm(MAX_NORM)
+    assert expected > 2 * MAX_NORM, f"{name}: the test must clip (norm {float(expected)})"
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0, msg=f"{name}: norm")
+    for g, want in zip(local_grads(pm), clipped, strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-6, atol=0, msg=f"{name}: clipped gradient")
+    reset()
+    unclipped = pm.clip_grad_norm(float("inf"))
+    torch.testing.assert_close(unclipped, expected, rtol=1e-6, atol=0, msg=f"{name}: norm (off)")
+    assert all(torch.equal(g, b) for g, b in zip(local_grads(pm), before, strict=True)), name
+
+
+def check_foreach_optimizer(name: str, cfg: dict) -> None:
+    """Every AdamW group holds one kind of parameter, has foreach on, and a step runs through
+    the multi-tensor (foreach) implementation, never the per-parameter loop."""
+    _, pm, optimizer = build_training_state(cfg)
+    kinds = set()
+    for group in optimizer.param_groups:
+        assert group["foreach"] and not group["fused"], name
+        group_kinds = {
+            (p.device_mesh, p.placements) if isinstance(p, DTensor) else None
+            for p in group["params"]
+        }
+        assert len(group_kinds) == 1, f"{name}: a group mixes {group_kinds}"
+        kinds |= group_kinds
+    calls = []
+    multi, single = adam._multi_tensor_adam, adam._single_tensor_adam
+
+    def counted(params, *args, **kwargs):
+        calls.append(len(params))
+        return multi(params, *args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{name}: AdamW ran its per-parameter loop")
+
+    adam._multi_tensor_adam, adam._single_tensor_adam = counted, refused
+    try:
+        for p in pm.module.parameters():
+            p.grad = torch.zeros_like(p) + 1e-3
+        optimizer.step()
+    finally:
+        adam._multi_tensor_adam, adam._single_tensor_adam = multi, single
+    assert len(calls) == len(optimizer.param_groups), name
+    if "tp" in name:  # sharded and replicated parameters side by side, now in separate groups
+        assert None in kinds and len(kinds) > 2, f"{name}: {kinds}"
+
+
+def fast_step_worker(rank: int, jobs: list[tuple[str, dict]]) -> None:
+    for name, cfg in jobs:
+        check_clipping(name, cfg)
+        check_foreach_optimizer(name, cfg)
+
+
+def layout_config(tmp_path, name: str) -> dict:
+    if name == "single":
+        return config(tmp_path / name)
+    micro = {"ddp": 2, "fsdp": 2}.get(name, 4)  # the global batch of 4 samples
+    extra = {"pp_schedule": "1f1b", "pp_microbatches": 2} if name == "pp" else {}
+    return config(tmp_path / name, parallel(name, **extra), micro_batch_size=micro)
+
+
+def test_clipping_and_foreach_single_process(tmp_path) -> None:
+    fast_step_worker(0, [("single", layout_config(tmp_path, "single"))])
+
+
+@pytest.mark.multiproc
+def test_clipping_and_foreach_in_every_layout(tmp_path) -> None:
+    """DDP, FSDP, TP and PP (with the tied output layer on two stages) on 2 gloo ranks."""
+    spawn(2, fast_step_worker, [(name, layout_config(tmp_path, name)) for name in CLIP_LAYOUTS])

@@ -230,11 +230,7 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
     full_model = build_model(cfg, device)
     pm = parallelize(full_model, cfg, layout, device)
     optimizer = build_optimizer(
-        pm.module,
-        cfg.train,
-        device,
-        foreach=False if cfg.parallel.tp > 1 else None,
-        shard_over=zero1_group(cfg.parallel, layout),
+        pm.module, cfg.train, device, shard_over=zero1_group(cfg.parallel, layout)
     )
     loader = BatchLoader(
         build_source(cfg, "train", verify=True),
