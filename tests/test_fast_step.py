@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any
 
 import pytest
@@ -22,9 +23,12 @@ from test_distributed import config, parallel
 from torch.distributed.tensor import DTensor
 from torch.optim import adam
 
-from trainer.config import ConfigError, model_config
+from trainer.config import ConfigError, model_config, resolve_config
 from trainer.models import attention, build_model
+from trainer.optim import build_optimizer
+from trainer.parallel.ddp import static_graph_valid
 from trainer.parallel.pipeline import tied_weight
+from trainer.train import run
 
 SMALL = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 ARCHS = {
@@ -242,10 +246,19 @@ def check_foreach_optimizer(name: str, cfg: dict) -> None:
         assert None in kinds and len(kinds) > 2, f"{name}: {kinds}"
 
 
+def check_ddp_options(name: str, cfg: dict) -> None:
+    """DDP's gradients are views into its buckets, and its graph is declared static (one
+    micro-batch per step, not compiled)."""
+    _, pm, _ = build_training_state(cfg)
+    assert pm.wrapped.gradient_as_bucket_view and pm.wrapped.static_graph, name
+
+
 def fast_step_worker(rank: int, jobs: list[tuple[str, dict]]) -> None:
     for name, cfg in jobs:
         check_clipping(name, cfg)
         check_foreach_optimizer(name, cfg)
+        if name == "ddp":
+            check_ddp_options(name, cfg)
 
 
 def layout_config(tmp_path, name: str) -> dict:
@@ -264,3 +277,55 @@ def test_clipping_and_foreach_single_process(tmp_path) -> None:
 def test_clipping_and_foreach_in_every_layout(tmp_path) -> None:
     """DDP, FSDP, TP and PP (with the tied output layer on two stages) on 2 gloo ranks."""
     spawn(2, fast_step_worker, [(name, layout_config(tmp_path, name)) for name in CLIP_LAYOUTS])
+
+
+def test_static_graph_only_where_valid() -> None:
+    """Not with gradient accumulation (no_sync breaks it) nor with torch.compile."""
+    assert static_graph_valid(grad_accum=1, compiled=False)
+    assert not static_graph_valid(grad_accum=2, compiled=False)
+    assert not static_graph_valid(grad_accum=1, compiled=True)
+
+
+# --- the garbage collector ----------------------------------------------------------------
+
+
+def test_garbage_collector_stays_out_of_the_step(tmp_path) -> None:
+    """Inside the loop the automatic collector is off; the young generations are collected on
+    log steps only (every 2nd step and the last); afterwards the collector is back on."""
+    young = []  # one entry per collection of generation 1 (what the loop asks for)
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 1:
+            young.append(1)
+
+    seen: dict[int, tuple[bool, int]] = {}
+
+    def observe(step: int) -> bool:
+        seen[step] = (gc.isenabled(), len(young))
+        return False
+
+    cfg = config(tmp_path / "gc", steps=5)
+    cfg["log"]["interval"] = 2
+    assert gc.isenabled()
+    gc.callbacks.append(count)
+    try:
+        run(cfg, stop_requested=observe)
+    finally:
+        gc.callbacks.remove(count)
+    assert gc.isenabled()
+    assert [enabled for enabled, _ in seen.values()] == [False] * 5
+    collections = [seen[step][1] - seen[step - 1][1] for step in range(2, 6)]
+    assert collections == [1, 0, 1, 1]  # after steps 2, 4 and 5 (the last is always logged)
+
+
+def test_optimizer_keeps_its_kernels_after_loading_a_state_dict() -> None:
+    """A state dict carries each group's foreach/fused flags (another machine's, or an
+    older version's): loading it keeps this machine's."""
+    cfg = resolve_config(config("unused"), world_size=1)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.train, torch.device("cpu"))
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["foreach"], group["fused"] = None, False  # as written before foreach was set
+    optimizer.load_state_dict(state)
+    assert all(g["foreach"] and not g["fused"] for g in optimizer.param_groups)

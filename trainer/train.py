@@ -34,6 +34,7 @@ from trainer.config import Config, resolve_config, to_dict
 from trainer.data import BatchLoader, SampleSource, build_source, has_split, tokenizer_folder
 from trainer.errors import TrainingError
 from trainer.evals import hellaswag
+from trainer.garbage import StepCollector
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import StepMeter, perplexity
@@ -141,6 +142,7 @@ def train(
     verified = VerifyReport(parts.loader.source)
 
     module.train()
+    collector = StepCollector()  # no automatic garbage collection inside a step
     try:
         while state.step < t.max_steps:
             lr = lr_at(state.step, t)
@@ -175,6 +177,7 @@ def train(
                 log.log(record)
                 meter.new_window()
                 verified.report(log.print)
+                collector.collect()
 
             stopping = stop(state.step)
             if checkpointer.due(state.step, last, stopping):
@@ -189,6 +192,7 @@ def train(
                 break
         checkpointer.finish()
     finally:
+        collector.restore()
         parts.close()
         log.close()
     result.step, result.last_checkpoint = state.step, checkpointer.last

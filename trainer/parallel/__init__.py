@@ -29,7 +29,7 @@ from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile
 from trainer.parallel.context_parallel import ContextParallel
-from trainer.parallel.ddp import apply_ddp, set_ddp_sync
+from trainer.parallel.ddp import apply_ddp, set_ddp_sync, static_graph_valid
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
 from trainer.parallel.mesh import Layout, build_layout, fsdp_mesh
 from trainer.parallel.pipeline import (
@@ -219,7 +219,8 @@ def parallelize(
         )
         set_sync = lambda sync: set_fsdp_sync(model, sync)  # noqa: E731
     elif mesh is not None and p.dp_replicate > 1:
-        wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb)
+        static = static_graph_valid(t.grad_accum, t.compile)
+        wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb, static)
         set_sync = lambda sync: set_ddp_sync(wrapped, sync)  # noqa: E731
     result = ParallelModel(
         model,
