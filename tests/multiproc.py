@@ -188,9 +188,8 @@ def build_training_state(cfg: Mapping[str, Any]):
     world, device = distributed.init(config.device)
     layout = build_layout(config, device.type, world.size)
     pm = parallelize(build_model(config, device), config, layout, device)
-    foreach = False if config.parallel.tp > 1 else None
     shard_over = zero1_group(config.parallel, layout)  # ZeRO-1: the AdamW state split
-    optimizer = build_optimizer(pm.module, config.train, device, foreach, shard_over)
+    optimizer = build_optimizer(pm.module, config.train, device, shard_over)
     return config, pm, optimizer
 
 

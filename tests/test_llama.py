@@ -257,7 +257,7 @@ def test_kv_cache_equals_full_forward_gqa():
         steps = [model(x[:, :37], kv_cache=cache)]
         steps += [model(x[:, t : t + 1], kv_cache=cache) for t in range(37, x.size(1))]
         assert cache[0].length == x.size(1)
-        assert cache[0].k.size(1) == cfg.kv_heads  # the cache holds only the kv heads
+        assert cache[0].k.size(2) == cfg.kv_heads  # the cache holds only the kv heads
         diff = max_diff(torch.cat(steps, dim=1), full)
         print(f"kv cache {cfg.n_head}/{cfg.kv_heads} heads: max |diff| {diff:.2e}")
         assert diff <= TOL

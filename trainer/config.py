@@ -40,7 +40,7 @@ SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank; the others tak
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 WANDB_MODES = ("disabled", "offline", "online")
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp", "pp")
-ATTENTION_IMPLS = ("auto", "sdpa", "flash")
+ATTENTION_IMPLS = ("auto", "sdpa", "flash", "cudnn")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("dummy", "shards")
 DOC_POSITIONS = ("continue", "reset")
@@ -77,7 +77,7 @@ class ModelConfig:
     vocab_size: int | None  # null: the dataset's vocabulary size
     dropout: float
     layer_norm_eps: float  # the epsilon of the norms (LayerNorm for gpt2, RMSNorm for llama)
-    attention: str  # auto: flash-attn on CUDA when installed, else SDPA
+    attention: str  # auto | sdpa | flash | cudnn: the kernel (trainer/models/attention.py)
     init_from: str | None  # a Hugging Face folder (of this arch) to start from
     tie_embeddings: bool  # the output layer shares the token embedding's weight
     rope_theta: float  # llama: rotary position embedding base

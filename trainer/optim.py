@@ -3,43 +3,69 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trainer.config import TrainConfig, wsd_decay_steps
-from trainer.parallel.zero1 import shard_optimizer
+from trainer.parallel.zero1 import local_optimizer, shard_optimizer
 
 
 def build_optimizer(
     model: nn.Module,
     cfg: TrainConfig,
     device: torch.device,
-    foreach: bool | None = None,
     shard_over: dist.ProcessGroup | None = None,
 ) -> torch.optim.Optimizer:
-    """Weight decay on matrices (linear weights, embeddings); none on biases and LayerNorms.
+    """AdamW, weight decay on matrices (linear weights, embeddings), none on biases and norms.
 
-    `foreach=False` is needed under tensor parallelism, where sharded (DTensor) and replicated
-    (plain) parameters sit in the same group. `shard_over`: ZeRO-1, the AdamW state split over
-    these ranks (trainer/parallel/zero1.py)."""
+    Fused AdamW on CUDA (one kernel for all parameters of a group), foreach elsewhere (one op
+    per group instead of one per parameter): both need each group to hold one kind of tensor,
+    so :func:`param_groups` splits the groups by layout. `shard_over`: ZeRO-1, the AdamW state
+    split over these ranks (trainer/parallel/zero1.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    adamw = dict(
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        fused=device.type == "cuda" and foreach is None,
-        foreach=foreach,
-    )
+    groups = param_groups([p for p in params if p.dim() >= 2], cfg.weight_decay)
+    groups += param_groups([p for p in params if p.dim() < 2], 0.0)
+    implementation = implementation_for(device)
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **implementation)
     if shard_over is not None:
-        return shard_optimizer(groups, shard_over, **adamw)
-    return torch.optim.AdamW(groups, **adamw)
+        optimizer = shard_optimizer(groups, shard_over, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(groups, **adamw)
+    keep_implementation(local_optimizer(optimizer), implementation)
+    return optimizer
+
+
+def implementation_for(device: torch.device) -> dict[str, bool]:
+    """AdamW's kernels on `device`: fused on CUDA, foreach elsewhere."""
+    fused = device.type == "cuda"
+    return {"fused": fused, "foreach": not fused}
+
+
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """`params` as AdamW groups of one kind each: the plain tensors, and the DTensors of each
+    (mesh, placements) (FSDP shards, TP's column/row shards and replicated layers). Foreach and
+    fused kernels take a list of tensors of one kind: a DTensor next to a plain tensor fails."""
+    kinds: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        kind = (p.device_mesh, p.placements) if isinstance(p, DTensor) else None
+        kinds.setdefault(kind, []).append(p)
+    return [{"params": group, "weight_decay": weight_decay} for group in kinds.values()]
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer, implementation: dict) -> None:
+    """Keep this machine's AdamW kernels after loading a checkpoint: an optimizer state dict
+    carries each group's `fused`/`foreach` flags, and one written on another device (or by an
+    older version) would otherwise switch them (fused on a CPU, or back to the slow loop)."""
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group.update(implementation)
+
+    optimizer.register_load_state_dict_post_hook(restore)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -34,6 +34,7 @@ from trainer.config import Config, resolve_config, to_dict
 from trainer.data import BatchLoader, SampleSource, build_source, has_split, tokenizer_folder
 from trainer.errors import TrainingError
 from trainer.evals import hellaswag
+from trainer.garbage import StepCollector
 from trainer.hangs import timeouts_end_the_run
 from trainer.hf import load_hf
 from trainer.logger import MetricsLogger, log_line
@@ -144,6 +145,7 @@ def train(
     verified = VerifyReport(parts.loader.source)
 
     module.train()
+    collector = StepCollector()  # no automatic garbage collection inside a step
     try:
         while state.step < t.max_steps:
             lr = lr_at(state.step, t)
@@ -178,6 +180,7 @@ def train(
                 log.log(record)
                 meter.new_window()
                 verified.report(log.print)
+                collector.collect()
 
             stopping = stop(state.step)
             if checkpointer.due(state.step, last, stopping):
@@ -192,6 +195,7 @@ def train(
                 break
         checkpointer.finish()
     finally:
+        collector.restore()
         parts.close()
         log.close()
     result.step, result.last_checkpoint = state.step, checkpointer.last
@@ -233,11 +237,7 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
     full_model = build_model(cfg, device)
     pm = parallelize(full_model, cfg, layout, device)
     optimizer = build_optimizer(
-        pm.module,
-        cfg.train,
-        device,
-        foreach=False if cfg.parallel.tp > 1 else None,
-        shard_over=zero1_group(cfg.parallel, layout),
+        pm.module, cfg.train, device, shard_over=zero1_group(cfg.parallel, layout)
     )
     loader = BatchLoader(
         build_source(cfg, "train", verify=True),

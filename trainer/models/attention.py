@@ -5,19 +5,29 @@ for generation, grouped-query attention, and document masking for packed windows
 head serves `n_head / n_kv_head` query heads); under tensor parallelism each rank holds its
 share of both, so only the local head counts matter here.
 
+Kernels (`model.attention`): :func:`choose_kernel` is the one place that decides, from the
+setting, the device and the dtype of q (what the kernel receives: under CUDA autocast a block's
+input stays fp32 after LayerNorm, while q, the output of a Linear, is bf16):
+
+    sdpa    torch's scaled_dot_product_attention, which picks its own backend
+    flash   the flash-attn package (CUDA, bf16/fp16)
+    cudnn   SDPA with its cuDNN backend asked first (CUDA sm80+, bf16/fp16); shapes cuDNN
+            cannot serve fall back to SDPA's other backends
+    auto    on CUDA with bf16/fp16: cudnn on Hopper (sm90, where cuDNN's attention is the
+            fastest), else flash when installed; otherwise sdpa
+
 Document masking (`model.doc_mask`): a training window is cut from one token stream with an
 end-of-text (EOT) token after every document, so it usually holds the end of one document
 and the start of the next. With the mask a token attends only to earlier tokens of its own
 document, as if each document had been run alone. :func:`find_documents` works out where
 the documents are once per forward, from the token ids, and every block's attention reuses
-it; which kernel applies the mask is decided there too:
+it; the kernel comes from :func:`choose_kernel` too:
 
-    CPU (or model.attention=sdpa, or dropout > 0)  SDPA with a (B, 1, T, T) boolean mask
-    CUDA, flash-attn installed, bf16/fp16           flash-attn's varlen kernel: the batch
-                                                    flattened, one sequence per document
-    CUDA otherwise                                  FlexAttention (compiled), a block mask
-                                                    that skips the blocks no query may see
-The two CUDA paths were written without a GPU to run them on (docs/models.md).
+    flash   flash-attn's varlen kernel: the batch flattened, one sequence per document
+    flex    (CUDA, no dropout, attention not sdpa) FlexAttention (compiled), a block mask
+            that skips the blocks no query may see
+    sdpa    (CPU, model.attention=sdpa, or dropout > 0) SDPA with a (B, 1, T, T) boolean mask
+The CUDA paths were written without a GPU to run them on (docs/models.md).
 
 Context parallel (`parallel.cp`): inside :func:`sequence_shard` a forward runs on one rank's
 part of each sequence; attention then asks the shard's `attend` (trainer/parallel/
@@ -34,8 +44,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, ModelConfig
 
 try:  # flash-attn is an optional extra (CUDA only)
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -47,12 +58,21 @@ except ImportError:  # pragma: no cover - depends on the machine
 class LayerCache:
     """Keys and values of the tokens seen so far, for one block (used when generating)."""
 
-    k: torch.Tensor | None = None  # (B, n_kv_head, T_seen, head_dim)
+    k: torch.Tensor | None = None  # (B, T_seen, n_kv_head, head_dim), as every kernel takes it
     v: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.size(2)
+        return 0 if self.k is None else self.k.size(1)
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values; returns all of them (seen and new)."""
+        if self.k is not None:
+            if k.size(1) != 1:
+                raise ValueError("after the prompt, a KV cache takes one token at a time")
+            k, v = torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1)
+        self.k, self.v = k, v
+        return k, v
 
 
 @dataclass(frozen=True)
@@ -100,24 +120,62 @@ def token_positions(start: int, length: int, device: torch.device) -> torch.Tens
     return torch.arange(start, start + length, device=device)
 
 
-def flash_available(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether flash-attn runs here (model.attention=flash insists on it)."""
-    if cfg.attention == "sdpa":
-        return False
-    available = (
-        flash_attn_func is not None
-        and device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+FLASH_DEVICES = ("cuda",)  # where flash-attn runs (a test adds "cpu" with a stand-in kernel)
+# cudnn: SDPA's backends in this order (set_priority): cuDNN first, the others as fallbacks
+CUDNN_FIRST = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+UNAVAILABLE = {
+    "flash": "model.attention=flash needs the flash-attn package, a CUDA device and bf16/fp16 "
+    "compute (precision=bf16|fp16)",
+    "cudnn": "model.attention=cudnn needs a CUDA GPU of compute capability 8.0 or newer and "
+    "bf16/fp16 compute (precision=bf16|fp16)",
+}
+
+
+def flash_runs(device: torch.device, q_dtype: torch.dtype) -> bool:
+    """Whether the flash-attn package can take q of `q_dtype` on `device`."""
+    return (
+        flash_attn_func is not None and device.type in FLASH_DEVICES and q_dtype in HALF_PRECISION
     )
-    if cfg.attention == "flash" and not available:
-        raise RuntimeError(
-            "model.attention=flash needs the flash-attn package, a CUDA device and bf16/fp16"
-        )
-    return available
 
 
-def use_flash_attention(cfg: ModelConfig, x: torch.Tensor) -> bool:
-    return flash_available(cfg, x.device, x.dtype)
+def cuda_major(device: torch.device) -> int:
+    """The compute capability's major version of a CUDA device (0 for any other device)."""
+    # get_device_properties is constant-folded by torch.compile (no graph break)
+    return torch.cuda.get_device_properties(device).major if device.type == "cuda" else 0
+
+
+def cudnn_runs(device: torch.device, q_dtype: torch.dtype) -> bool:
+    """Whether torch's cuDNN attention can take q of `q_dtype` on `device` (sm80 and newer)."""
+    return cuda_major(device) >= 8 and q_dtype in HALF_PRECISION
+
+
+def choose_kernel(
+    cfg: ModelConfig, device: torch.device, q_dtype: torch.dtype, packed: bool = False
+) -> str:
+    """The attention kernel for q of `q_dtype` on `device` (the table in this module's
+    docstring): "flash", "cudnn" or "sdpa"; with `packed` documents (`model.doc_mask`)
+    "flash" (varlen), "flex" or "sdpa" (a boolean mask). A kernel that `model.attention` asks
+    for and this machine cannot run is a one-line ConfigError."""
+    if cfg.attention == "sdpa":
+        return "sdpa"
+    runs = {"flash": flash_runs(device, q_dtype), "cudnn": cudnn_runs(device, q_dtype)}
+    if cfg.attention in runs and not runs[cfg.attention]:
+        raise ConfigError(UNAVAILABLE[cfg.attention])
+    if packed:  # cuDNN takes no document structure: FlexAttention's block mask instead
+        if cfg.attention in ("auto", "flash") and runs["flash"]:
+            return "flash"
+        return "flex" if device.type == "cuda" and cfg.dropout == 0 else "sdpa"  # flex: no dropout
+    if cfg.attention != "auto":
+        return cfg.attention
+    if runs["cudnn"] and cuda_major(device) == 9:  # Hopper: cuDNN beats FlashAttention-2 there
+        return "cudnn"
+    return "flash" if runs["flash"] else "sdpa"
 
 
 def compute_dtype(device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
@@ -152,10 +210,11 @@ def document_positions(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
 def find_documents(idx: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> Documents:
     """Where the documents of `idx` (B, T) are, for attention computed in `dtype`."""
     positions = document_positions(idx, cfg.eot_id) if cfg.doc_positions == "reset" else None
-    if flash_available(cfg, idx.device, dtype):
+    kernel = choose_kernel(cfg, idx.device, dtype, packed=True)
+    if kernel == "flash":
         return varlen_documents(idx, cfg.eot_id, positions)
     doc = document_ids(idx, cfg.eot_id)
-    if idx.is_cuda and cfg.attention != "sdpa" and cfg.dropout == 0:  # flex has no dropout
+    if kernel == "flex":
         return Documents(positions, block_mask=flex_block_mask(doc))
     causal = torch.ones(idx.size(1), idx.size(1), dtype=torch.bool, device=idx.device).tril()
     same_doc = doc[:, None, :, None] == doc[:, None, None, :]
@@ -209,23 +268,25 @@ def attend(
         return _shard.attend(q, k, v)
     if docs is not None:
         return attend_documents(q, k, v, docs, dropout_p)
-    if cache is None and use_flash_attention(cfg, q):
-        y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # GQA built in
-        return y.reshape(B, T, -1)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     # With no past tokens, mask the future; one new token may see everything cached. (Known
     # from the cache, not from shapes: a compiled block with dynamic shapes needs a bool.)
     is_causal = cache is None or cache.k is None
     if cache is not None:
-        if cache.k is not None:
-            if T != 1:
-                raise ValueError("after the prompt, a KV cache takes one token at a time")
-            k = torch.cat([cache.k, k], dim=2)
-            v = torch.cat([cache.v, v], dim=2)
-        cache.k, cache.v = k, v
-    y = F.scaled_dot_product_attention(
-        q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=k.size(1) != q.size(1)
+        k, v = cache.extend(k, v)
+    kernel = choose_kernel(cfg, q.device, q.dtype)
+    if kernel == "flash":  # (B, T, heads, D) in and out; GQA built in
+        y = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=is_causal)
+        return y.reshape(B, T, -1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D): the layout cuDNN takes
+    backends = (
+        sdpa_kernel(CUDNN_FIRST, set_priority=True)
+        if kernel == "cudnn"
+        else contextlib.nullcontext()
     )
+    with backends:
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=k.size(1) != q.size(1)
+        )
     return y.transpose(1, 2).reshape(B, T, -1)
 
 

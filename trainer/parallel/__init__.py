@@ -13,6 +13,7 @@ micro-batch and `clip_grad_norm`, whatever the layout. See docs/parallelism.md.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
 from trainer.parallel.compile import apply_compile
 from trainer.parallel.context_parallel import ContextParallel
-from trainer.parallel.ddp import apply_ddp, set_ddp_sync
+from trainer.parallel.ddp import apply_ddp, set_ddp_sync, static_graph_valid
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
 from trainer.parallel.mesh import Layout, build_layout, fsdp_mesh
 from trainer.parallel.pipeline import (
@@ -133,31 +134,57 @@ class ParallelModel:
             sync_tied_grads(self.module, self.tied_group, self.spec)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip by the norm of the *whole* model's gradient, whichever rank holds which part."""
+        """Clip by the norm of the *whole* model's gradient, whichever rank holds which part;
+        returns that norm. `max_norm=inf`: clipping off, only the norm (it is logged, and
+        trainer/stability.py skips non-finite updates by it)."""
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if self.tied_group is not None and not self.runs_first_stage:
             # The last stage's copy of the tied weight was counted on the first stage already.
             tied = tied_weight(self.module, self.spec)
-            grads = [g for g in grads if tied is None or g is not tied.grad]
-        squares = torch.zeros((), device=grads[0].device if grads else "cpu")
-        by_layout: dict[tuple, list[DTensor]] = {}
-        for g in grads:
-            if isinstance(g, DTensor):
-                by_layout.setdefault((g.device_mesh, g.placements), []).append(g)
-            else:  # replicated (single, DDP, or TP's replicated layers): the local norm
-                squares = squares + g.detach().float().norm() ** 2
-        for group in by_layout.values():  # sharded: DTensor reduces across the shards
-            norm = torch.nn.utils.get_total_norm(group)
-            squares = squares + norm.full_tensor().float() ** 2
-        if self.layout.mesh is not None and self.layout.mesh["pp"].size() > 1:
-            dist.all_reduce(squares, group=self.layout.mesh["pp"].get_group())
-        total = squares.sqrt()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in self.module.parameters():
-            if p.grad is not None:  # scale each rank's local piece; no sync with the host
-                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                grad.mul_(coef)
+            counted = [g for g in grads if tied is None or g is not tied.grad]
+        else:
+            counted = grads
+        pp = self.layout.mesh["pp"] if self.layout.mesh is not None else None
+        total = grad_norm(counted, pp.get_group() if pp is not None and pp.size() > 1 else None)
+        if math.isfinite(max_norm):
+            scale_grads(grads, max_norm, total)
         return total
+
+
+def grad_norm(grads: list[torch.Tensor], pp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The 2-norm of all `grads` of the model (fp32, on their device, no host sync).
+
+    Foreach norms, one kernel per group rather than per parameter: plain tensors (single,
+    DDP, TP's replicated layers) in one group; DTensors (FSDP/TP shards) in one group per
+    (mesh, placements), whose norm DTensor reduces across the shards. Pipeline stages hold
+    different parameters: their squared norms are summed over the pp group."""
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    by_layout: dict[tuple, list[DTensor]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            by_layout.setdefault((g.device_mesh, g.placements), []).append(g)
+    device = grads[0].device if grads else torch.device("cpu")
+    squares = torch.zeros((), device=device)
+    if plain:
+        squares = squares + torch.nn.utils.get_total_norm(plain).float() ** 2
+    for group in by_layout.values():
+        norm = torch.nn.utils.get_total_norm(group, foreach=True)
+        squares = squares + norm.full_tensor().float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(squares, group=pp_group)
+    return squares.sqrt()
+
+
+def scale_grads(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Multiply every gradient by min(1, max_norm / total) in place: each rank scales its own
+    pieces (a DTensor's local shard), with one foreach kernel per device and dtype."""
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for g in local:
+        by_kind.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in by_kind.items():
+        torch._foreach_mul_(group, coef.to(device))
 
 
 def parallelize(
@@ -192,7 +219,8 @@ def parallelize(
         )
         set_sync = lambda sync: set_fsdp_sync(model, sync)  # noqa: E731
     elif mesh is not None and p.dp_replicate > 1:
-        wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb)
+        static = static_graph_valid(t.grad_accum, t.compile)
+        wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb, static)
         set_sync = lambda sync: set_ddp_sync(wrapped, sync)  # noqa: E731
     result = ParallelModel(
         model,

@@ -8,7 +8,8 @@ optimizer then updates only the local shard.
 - full shard (ZeRO-3): parameters, gradients and optimizer state all sharded: memory per rank
   ~ (P + G + O) / N, plus one block's full parameters at a time.
 - `reshard_after_forward=False` (ZeRO-2 style): blocks stay gathered between forward and
-  backward (no second all-gather; more memory).
+  backward (no second all-gather; more memory). The root unit (embeddings, final norm,
+  output layer) always stays gathered: backward needs it first.
 - hybrid (HSDP): a 2-D mesh: shard within `dp_shard` (e.g. a node), replicate across
   `dp_replicate` (nodes): gradients are reduce-scattered in the node, all-reduced across.
 """
@@ -39,8 +40,11 @@ def apply_fsdp(
     options = dict(mesh=dp_mesh, mp_policy=mp, offload_policy=offload)
     for block in blocks.values():  # the FSDP units: one per repeated block
         fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
-    # The root holds what is left: embeddings, the final norm, the output layer.
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **options)
+    # The root holds what is left: embeddings, the final norm, the output layer. Its
+    # reshard_after_forward is left to fully_shard (None): False for the root, since backward
+    # starts with the output layer, right after forward; resharding it would only gather it
+    # again at once.
+    fully_shard(model, **options)
     return model
 
 
