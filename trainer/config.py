@@ -470,6 +470,12 @@ def check_fields(cfg: Config) -> None:
         cfg.data.dummy_branching > 0,
         f"data.dummy_branching={cfg.data.dummy_branching}: must be a positive number",
     )
+    if cfg.data.kind == "dummy":
+        _require(
+            cfg.data.dummy_branching <= cfg.data.vocab_size,
+            f"data.dummy_branching={cfg.data.dummy_branching}: must be at most data.vocab_size="
+            f"{cfg.data.vocab_size} (a token's successors are distinct tokens)",
+        )
     _require(bool(cfg.run.dir), "run.dir: must name a directory")
     _require(bool(cfg.resume), "resume: expected auto, none or a checkpoint path")
 
