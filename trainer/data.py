@@ -46,23 +46,24 @@ class DummyTokens:
     (seed, split, i): any process can produce any sample.
     """
 
-    SPLIT_OFFSET = {"train": 0, "val": 1 << 40}
+    SPLITS = ("train", "val")
 
     def __init__(self, vocab_size: int, seq_len: int, branching: int, seed: int, split: str):
         self.seq_len = seq_len
         self.seed = seed
-        self.offset = self.SPLIT_OFFSET[split]
+        self.split = self.SPLITS.index(split)
         self.vocab_size = vocab_size
-        table_gen = torch.Generator().manual_seed(seed)
         # Distinct offsets: exactly `branching` successors (at most the whole vocabulary).
-        self.steps = torch.randperm(vocab_size, generator=table_gen)[:branching]
+        self.steps = np.random.default_rng(seed).permutation(vocab_size)[:branching]
 
     def sample(self, index: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
-        start = torch.randint(self.vocab_size, (1,), generator=gen)
-        choices = torch.randint(len(self.steps), (self.seq_len,), generator=gen)
-        walk = torch.cat([start, self.steps[choices]]).cumsum(0)  # int64: no overflow
-        return walk.remainder_(self.vocab_size)
+        # A generator keyed by all three numbers (NumPy's SeedSequence keeps every bit: no two
+        # (seed, split, index) share a stream, unlike a sum folded into a 32-bit seed).
+        rng = np.random.default_rng([self.seed, self.split, index])
+        walk = np.empty(self.seq_len + 1, dtype=np.int64)
+        walk[0] = rng.integers(self.vocab_size)
+        walk[1:] = self.steps[rng.integers(len(self.steps), size=self.seq_len)]
+        return torch.from_numpy(np.cumsum(walk, out=walk) % self.vocab_size)  # int64: no overflow
 
     def close(self) -> None:
         pass
