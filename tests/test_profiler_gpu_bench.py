@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import gpu, suite
+from jobs.cli import CONFIG_ERRORS
 from trainer.config import ConfigError, load_config
 from trainer.data import DummyTokens
 from trainer.profiling import FOLDER
@@ -128,3 +132,126 @@ def test_dummy_tokens_have_exactly_branching_successors_each():
 def test_dummy_branching_above_the_vocabulary_is_refused(tiny):
     with pytest.raises(ConfigError, match=r"^data\.dummy_branching=300: must be at most data"):
         load_config(tiny(data={"dummy_branching": 300}))
+
+
+# ----------------------------------------------------------------- dlt-bench suite=gpu
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.md"
+# The keys of issue 12 items 1-3 that other branches add (gpu.ITEMS_1_3_MERGED waits for them).
+ITEM_KEYS = {
+    "train.compile_loss",
+    "model.loss_chunk_size",
+    "model.pad_vocab_to_multiple",
+    "model.attention",
+}
+
+
+def table_rows(out: str) -> dict[str, str]:
+    """The rows of the printed table by their first cell."""
+    return {
+        line.split("|")[1].strip(): line
+        for line in out.splitlines()
+        if line.startswith("| ") and not line.startswith("| case ")
+    }
+
+
+def test_dlt_bench_suite_gpu_smoke_prints_every_row(tmp_path):
+    before = RESULTS.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", "suite=gpu", "size=smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "=== [1/1] gpu (size=smoke) ===" in out and suite.SMOKE_CAVEAT in out
+    rows = table_rows(out)
+    assert list(rows) == [case.label for case in gpu.active_cases()]
+    for label, row in rows.items():
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert all(cells[:6]), f"{label}: {row}"  # tokens/s ... peak memory, no error
+        assert float(cells[0].replace(",", "")) > 0 and float(cells[1]) > 0
+    # the default attention=auto is the base row itself: measured once
+    assert rows["item 3 after: model.attention=auto"].endswith(
+        "| same config as: gpt2_small mb16 compiled |"
+    )
+    assert "bf16 matmul peak: " in out and " TFLOP/s measured" in out
+    assert RESULTS.read_bytes() == before  # smoke figures never land in results.md
+    assert list(tmp_path.iterdir()) == []  # nor anything else
+
+
+def test_the_rows_name_only_known_keys_and_the_pending_ones_wait_for_the_merge():
+    """Every row that runs resolves (full size: bf16 on CUDA); the rows that wait name only
+    the keys of items 1-3, which are unknown until the lead merges them and flips
+    benchmarks/gpu.py's ITEMS_1_3_MERGED (then this test checks every row)."""
+    full = gpu.SIZES["full"]
+    for case in gpu.active_cases():
+        cfg = gpu.resolve(gpu.overrides_of(case, full))
+        assert cfg.precision == "bf16" and cfg.model.block_size == 1024, case.label
+        assert cfg.model.vocab_size == 50257 and cfg.train.compile == case.compiled
+    pending = [case for case in gpu.CASES if case not in gpu.active_cases()]
+    assert {o.partition("=")[0] for case in pending for o in case.overrides} <= ITEM_KEYS
+    if not gpu.ITEMS_1_3_MERGED:
+        assert len(pending) == 7
+        for case in pending:
+            with pytest.raises((ConfigError, *CONFIG_ERRORS)):  # merged? flip ITEMS_1_3_MERGED
+                gpu.resolve(gpu.overrides_of(case, full))
+
+
+def test_the_cases_cover_the_grid_the_issue_asks_for():
+    grid = {
+        (c.micro_batch, c.compiled, c.checkpointing)
+        for c in gpu.CASES
+        if c.model == "gpt2_small" and not c.overrides
+    }
+    assert grid == {(m, c, a) for m in (16, 32) for c in (False, True) for a in (False, True)}
+    assert any(c.model == "gpt2_medium" and c.compiled for c in gpu.CASES)
+
+
+def test_a_failing_case_is_a_row_not_a_crash(monkeypatch):
+    smoke = gpu.SIZES["smoke"]
+    bad = gpu.overrides_of(gpu.CASES[0], smoke) + ["model.n_head=3"]
+    error = gpu.run_case({"kind": "train", "overrides": bad}, smoke)["error"]
+    assert error.startswith("failed: ConfigError: model.n_head=3 must divide model.n_embd")
+
+    def out_of_memory(overrides, size):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(gpu, "measure", out_of_memory)
+    assert gpu.run_case({"kind": "train", "overrides": []}, smoke) == {"error": "out of memory"}
+    cases = gpu.CASES[:2]
+    results = {0: {"tflops": 1.0, "n": 8}, 1: {"error": "out of memory"}}
+    text = gpu.table(cases, {1: 1, 2: 1}, results, results[0])
+    assert text.count("| out of memory |") == 2  # the case and the one that shares its config
+
+
+def test_a_worker_out_of_time_leaves_timed_out_rows():
+    jobs = [{"id": 0, "kind": "matmul", "label": "peak"}]
+    assert gpu.run_jobs(jobs, "smoke", timeout=0.5) == {0: {"error": "timed out after 0 s"}}
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list[str]]:
+    """Every suite replaced by one that records the arguments it was given."""
+    seen: dict[str, list[str]] = {}
+    fakes = {name: (lambda args, name=name: seen.__setitem__(name, args)) for name in suite.SUITES}
+    monkeypatch.setattr(suite, "SUITES", fakes)
+    return seen
+
+
+def test_suite_all_leaves_the_gpu_suite_out(calls):
+    suite.main([])
+    assert "gpu" not in calls and list(calls) == suite.ALL
+    suite.main(["suite=gpu"])
+    assert calls["gpu"] == ["--no-write", "--size", "smoke"]
+
+
+def test_gpu_full_size_without_cuda_is_refused_in_one_line(calls, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        suite.main(["suite=gpu", "size=full", "write=true"])
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "suite=gpu size=full needs a CUDA GPU" in err
