@@ -102,10 +102,11 @@ class Size:
     matmul_sizes: tuple[int, ...]
     matmul_iters: int
     one_process: bool  # every case in one worker (smoke) or one worker per case (full)
+    micro_batch_divisor: int = 1  # a case's micro-batch (16, 32) is divided by this
     env: tuple[tuple[str, str], ...] = ()
 
     def micro_batch(self, full: int) -> int:
-        return full if not self.one_process else max(1, full // 8)
+        return max(1, full // self.micro_batch_divisor)
 
 
 GPT2_VOCAB = 50257
@@ -136,6 +137,7 @@ SIZES = {
         matmul_sizes=(128,),
         matmul_iters=2,
         one_process=True,
+        micro_batch_divisor=8,
         env=(("TORCH_COMPILE_DISABLE", "1"),),  # the same calls, without the compile time
     ),
 }

@@ -79,6 +79,26 @@ def test_a_run_that_stops_inside_the_window_writes_no_trace(tiny):
     assert "profile: the run stopped inside steps 2-4: no trace" in log
 
 
+@pytest.mark.multiproc
+def test_every_rank_writes_its_own_trace(tiny, tmp_path):
+    from multiproc import run_jobs
+
+    cfg = tiny(
+        "ddp",
+        parallel={"dp_replicate": 2},
+        train={"max_steps": 3, "micro_batch_size": 1},
+        profile={"enabled": True, "start_step": 2, "steps": 2},
+    )
+    assert run_jobs(2, [("ddp", cfg, None)], tmp_path / "status") == {}
+    folder = Path(cfg["run"]["dir"]) / FOLDER
+    names = ["trace_rank0_steps_2-3.json", "trace_rank1_steps_2-3.json"]
+    assert sorted(p.name for p in folder.iterdir()) == names
+    for name in names:
+        assert "train_step 3" in trace_names(folder / name)
+    log = (Path(cfg["run"]["dir"]) / TRAIN_LOG).read_text()
+    assert log.count("profile: steps 2-3 recorded into") == 1  # rank 0 says it once
+
+
 @pytest.mark.parametrize(
     "profile, message",
     [
