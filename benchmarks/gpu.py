@@ -62,10 +62,13 @@ class Case:
     checkpointing: bool = False
     overrides: tuple[str, ...] = ()
     after_merge: bool = False  # names a key of items 1-3 (see ITEMS_1_3_MERGED)
+    cuda_only: bool = False  # a CUDA kernel: left out at size=smoke (CPU)
 
 
-def item(label: str, override: str, after_merge: bool = True) -> Case:
-    return Case(f"{label}: {override}", overrides=(override,), after_merge=after_merge)
+def item(label: str, override: str, after_merge: bool = True, cuda_only: bool = False) -> Case:
+    return Case(
+        f"{label}: {override}", overrides=(override,), after_merge=after_merge, cuda_only=cuda_only
+    )
 
 
 # In the order they run (the most telling first: the time budget cuts the tail).
@@ -79,7 +82,7 @@ CASES = [
     item("item 2 after", "model.pad_vocab_to_multiple=128"),
     item("item 3 before", "model.attention=sdpa", after_merge=False),
     item("item 3 after", "model.attention=auto", after_merge=False),
-    item("item 3 after", "model.attention=cudnn"),
+    item("item 3 after", "model.attention=cudnn", cuda_only=True),
     Case("gpt2_small mb16 compiled, act. ckpt", checkpointing=True),
     Case("gpt2_small mb32 compiled", micro_batch=32),
     Case("gpt2_small mb32 compiled, act. ckpt", micro_batch=32, checkpointing=True),
@@ -143,8 +146,13 @@ SIZES = {
 }
 
 
-def active_cases() -> list[Case]:
-    return [c for c in CASES if ITEMS_1_3_MERGED or not c.after_merge]
+def active_cases(size: Size) -> list[Case]:
+    """The rows that run at `size` (see ITEMS_1_3_MERGED and Case.cuda_only)."""
+    return [
+        c
+        for c in CASES
+        if (ITEMS_1_3_MERGED or not c.after_merge) and (size.device == "cuda" or not c.cuda_only)
+    ]
 
 
 def overrides_of(case: Case, size: Size) -> list[str]:
@@ -351,10 +359,12 @@ def plan(cases: list[Case], size: Size) -> tuple[list[dict], dict[int, int]]:
     return jobs, measured_by
 
 
-def run_all(jobs: list[dict], size_name: str, budget_s: float) -> dict[int, dict]:
-    """Every job, within `budget_s` in all (the rest become 'not run' rows)."""
-    size = SIZES[size_name]
-    if size.one_process:
+def run_all(
+    jobs: list[dict], size_name: str, budget_s: float, one_process: bool | None = None
+) -> dict[int, dict]:
+    """Every job, within `budget_s` in all (the rest become 'not run' rows): in one worker
+    process, or one process per job (`one_process`, default: the size's)."""
+    if SIZES[size_name].one_process if one_process is None else one_process:
         return run_jobs(jobs, size_name, timeout=budget_s)
     results: dict[int, dict] = {}
     deadline = time.perf_counter() + budget_s
@@ -363,9 +373,22 @@ def run_all(jobs: list[dict], size_name: str, budget_s: float) -> dict[int, dict
         if left < 20:
             results[job["id"]] = {"error": f"not run: the {budget_s:.0f} s budget was spent"}
             continue
-        print(f"  {job['label']} ...", flush=True)
+        began = time.perf_counter()
         results |= run_jobs([job], size_name, timeout=min(CASE_TIMEOUT_S, left))
+        print(
+            f"  {job['label']}: {summary(results[job['id']])} ({time.perf_counter() - began:.0f} s)",
+            flush=True,
+        )
     return results
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One job's result in a few words (the progress lines while the suite runs)."""
+    if "error" in result:
+        return result["error"]
+    if "tflops" in result:
+        return f"{result['tflops']:,.1f} TFLOP/s"
+    return f"{result['tokens_per_s']:,.0f} tokens/s, {result['memory_gib']:.1f} GiB"
 
 
 def percent(value: float | None) -> str:
@@ -418,8 +441,8 @@ def main(argv: list[str] | None = None) -> None:
         worker(*args.worker)
         return
     size = SIZES[args.size]
-    cases = [c for c in active_cases() if not args.only or args.only in c.label]
-    pending = len(CASES) - len(active_cases())
+    cases = [c for c in active_cases(size) if not args.only or args.only in c.label]
+    pending = sum(c.after_merge for c in CASES) if not ITEMS_1_3_MERGED else 0
     if pending:
         print(
             f"({pending} rows wait for the keys of issue 12 items 1-3: ITEMS_1_3_MERGED in "

@@ -175,6 +175,7 @@ def table_rows(out: str) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_dlt_bench_suite_gpu_smoke_prints_every_row(tmp_path):
     before = RESULTS.read_bytes()
     done = subprocess.run(
@@ -188,7 +189,7 @@ def test_dlt_bench_suite_gpu_smoke_prints_every_row(tmp_path):
     out = done.stdout
     assert "=== [1/1] gpu (size=smoke) ===" in out and suite.SMOKE_CAVEAT in out
     rows = table_rows(out)
-    assert list(rows) == [case.label for case in gpu.active_cases()]
+    assert list(rows) == [case.label for case in gpu.active_cases(gpu.SIZES["smoke"])]
     for label, row in rows.items():
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert all(cells[:6]), f"{label}: {row}"  # tokens/s ... peak memory, no error
@@ -207,11 +208,11 @@ def test_the_rows_name_only_known_keys_and_the_pending_ones_wait_for_the_merge()
     the keys of items 1-3, which are unknown until the lead merges them and flips
     benchmarks/gpu.py's ITEMS_1_3_MERGED (then this test checks every row)."""
     full = gpu.SIZES["full"]
-    for case in gpu.active_cases():
+    for case in gpu.active_cases(full):
         cfg = gpu.resolve(gpu.overrides_of(case, full))
         assert cfg.precision == "bf16" and cfg.model.block_size == 1024, case.label
         assert cfg.model.vocab_size == 50257 and cfg.train.compile == case.compiled
-    pending = [case for case in gpu.CASES if case not in gpu.active_cases()]
+    pending = [case for case in gpu.CASES if case not in gpu.active_cases(full)]
     assert {o.partition("=")[0] for case in pending for o in case.overrides} <= ITEM_KEYS
     if not gpu.ITEMS_1_3_MERGED:
         assert len(pending) == 7
@@ -250,6 +251,16 @@ def test_a_failing_case_is_a_row_not_a_crash(monkeypatch):
 def test_a_worker_out_of_time_leaves_timed_out_rows():
     jobs = [{"id": 0, "kind": "matmul", "label": "peak"}]
     assert gpu.run_jobs(jobs, "smoke", timeout=0.5) == {0: {"error": "timed out after 0 s"}}
+
+
+def test_full_size_runs_each_case_in_its_own_process_within_the_budget():
+    """size=full's way (here with smoke's tiny cases on the CPU): one worker per job, each
+    job's result back; jobs the budget has no time left for are rows that say so."""
+    jobs, _ = gpu.plan(gpu.CASES[:1], gpu.SIZES["smoke"])  # the matmul, the case
+    results = gpu.run_all(jobs[1:], "smoke", budget_s=300, one_process=False)
+    assert results[1]["tokens_per_s"] > 0 and results[1]["ms_per_step"] > 0
+    spent = gpu.run_all(jobs, "smoke", budget_s=1, one_process=False)
+    assert spent == {i: {"error": "not run: the 1 s budget was spent"} for i in (0, 1)}
 
 
 @pytest.fixture
