@@ -15,10 +15,10 @@ section to benchmarks/results.md:
   compiled gpt2_small base (`CASES`).
 
 Each row is the trainer's own step (`trainer.train.train_step` on the parts `build_parts`
-makes, no checkpoints or logging): `WARMUP` steps (compilation, allocator, autotuning), then
-`STEPS` steps timed with CUDA events. Its tokens/s, ms/step, MFU against the measured and the
-nominal peak (trainer/metrics.py's datasheet values) and the CUDA allocator's peak over the
-timed steps. Every case runs in its own process (its own peak memory, compile caches and
+makes, no checkpoints or logging): 5 warm-up steps (compilation, allocator, autotuning), then
+10 steps timed with CUDA events (`SIZES`). Each row gives tokens/s, ms/step, MFU against the
+measured and the nominal peak (trainer/metrics.py's datasheet values), the CUDA allocator's
+peak over the timed steps and the warm-up's seconds (mostly compilation). Every case runs in its own process (its own peak memory, compile caches and
 failure): a case that runs out of memory, fails or exceeds its time is a row that says so.
 The processes share Inductor's on-disk caches, so a block graph compiled for one row is reused
 by the rows that change only the loss. Rows whose resolved config equals an earlier row's
@@ -144,6 +144,18 @@ SIZES = {
         env=(("TORCH_COMPILE_DISABLE", "1"),),  # the same calls, without the compile time
     ),
 }
+
+
+def refusal(size_name: str) -> str | None:
+    """Why `size_name` cannot run on this machine (None: it can): size=full measures a GPU."""
+    import torch
+
+    if SIZES[size_name].device == "cuda" and not torch.cuda.is_available():
+        return (
+            f"suite=gpu size={size_name} needs a CUDA GPU and none is visible here (its figures "
+            "would mean nothing on a CPU; size=smoke runs its code path)"
+        )
+    return None
 
 
 def active_cases(size: Size) -> list[Case]:
@@ -440,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(*args.worker)
         return
+    if problem := refusal(args.size):
+        parser.error(problem)
     size = SIZES[args.size]
     cases = [c for c in active_cases(size) if not args.only or args.only in c.label]
     pending = sum(c.after_merge for c in CASES) if not ITEMS_1_3_MERGED else 0

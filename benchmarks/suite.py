@@ -22,8 +22,6 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-import torch
-
 from benchmarks import checkpointing, gpu, layouts, loader, prep_throughput, train_throughput
 
 SIZES = {
@@ -110,11 +108,8 @@ def parse(argv: list[str]) -> dict[str, str]:
         fail(f"write={options['write']}: expected true or false")
     if options["write"] == "true" and options["size"] != "full":
         fail(f"write=true needs size=full (size={options['size']} figures are not measurements)")
-    if options["suite"] == "gpu" and options["size"] == "full" and not torch.cuda.is_available():
-        fail(
-            "suite=gpu size=full needs a CUDA GPU and none is visible here (its figures would "
-            "mean nothing on a CPU; size=smoke runs its code path)"
-        )
+    if options["suite"] == "gpu" and (problem := gpu.refusal(options["size"])):
+        fail(problem)
     return options
 
 
