@@ -243,7 +243,7 @@ def test_a_failing_case_is_a_row_not_a_crash(monkeypatch):
     monkeypatch.setattr(gpu, "measure", out_of_memory)
     assert gpu.run_case({"kind": "train", "overrides": []}, smoke) == {"error": "out of memory"}
     cases = gpu.CASES[:2]
-    results = {0: {"tflops": 1.0, "n": 8}, 1: {"error": "out of memory"}}
+    results = {0: {"tflops": 1.0, "n": 8, "sizes": [8]}, 1: {"error": "out of memory"}}
     text = gpu.table(cases, {1: 1, 2: 1}, results, results[0])
     assert text.count("| out of memory |") == 2  # the case and the one that shares its config
 
