@@ -1,4 +1,4 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader] [size=smoke|full] [write=false|true]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|gpu] [size=smoke|full] [write=false|true]`
 
 One entry point for every benchmark; each prints its table.
 
@@ -10,6 +10,11 @@ One entry point for every benchmark; each prints its table.
   the machine, versions, date and command. Without it nothing is written.
 
 The same command runs unchanged on a GPU node, where `size=full` gives the real figures.
+
+`suite=gpu` (benchmarks/gpu.py) is the one-GPU step benchmark: on an H100/H200 run
+`dlt-bench suite=gpu size=full write=true` (<= 8 minutes). Its `size=full` needs a CUDA GPU
+(refused without one: its figures would say nothing); `size=smoke` runs its code path on a
+CPU. `suite=all` leaves it out: it has its own time budget, and its cases are GPU cases.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from benchmarks import checkpointing, layouts, loader, prep_throughput, train_throughput
+from benchmarks import checkpointing, gpu, layouts, loader, prep_throughput, train_throughput
 
 SIZES = {
     "full": {
@@ -38,6 +43,7 @@ SIZES = {
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
         "loader": ["--mb", "1000"],
+        "gpu": ["--size", "full"],
     },
     "smoke": {
         "train": [
@@ -65,6 +71,7 @@ SIZES = {
             "1",
         ],
         "loader": ["--mb", "20", "--shard-mb", "2", "--seconds", "0.3"],
+        "gpu": ["--size", "smoke"],
     },
 }
 SUITES = {
@@ -73,7 +80,9 @@ SUITES = {
     "prep": prep_throughput.main,
     "checkpoint": checkpointing.main,
     "loader": loader.main,
+    "gpu": gpu.main,
 }
+ALL = [name for name in SUITES if name != "gpu"]  # suite=all: the GPU suite runs on its own
 
 
 USAGE = "usage: " + __doc__.splitlines()[0].strip("`")
@@ -99,6 +108,8 @@ def parse(argv: list[str]) -> dict[str, str]:
         fail(f"write={options['write']}: expected true or false")
     if options["write"] == "true" and options["size"] != "full":
         fail(f"write=true needs size=full (size={options['size']} figures are not measurements)")
+    if options["suite"] == "gpu" and (problem := gpu.refusal(options["size"])):
+        fail(problem)
     return options
 
 
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE + "\n" + __doc__.split("\n", 1)[1].rstrip())
         return
     options = parse(argv)
-    chosen = list(SUITES) if options["suite"] == "all" else [options["suite"]]
+    chosen = ALL if options["suite"] == "all" else [options["suite"]]
     write = options["write"] == "true"
     for i, name in enumerate(chosen, 1):
         print(f"=== [{i}/{len(chosen)}] {name} (size={options['size']}) ===", flush=True)

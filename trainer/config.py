@@ -184,6 +184,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ProfileConfig:
+    """A torch.profiler trace of optimizer steps start_step .. start_step + steps - 1."""
+
+    enabled: bool
+    start_step: int  # the first profiled optimizer step (counted from 1)
+    steps: int  # how many steps the trace covers
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     dir: str
@@ -227,6 +236,7 @@ class Config:
     eval: EvalConfig
     checkpoint: CheckpointConfig
     log: LogConfig
+    profile: ProfileConfig
     run: RunConfig
     parallel: ParallelConfig
     dist: DistConfig
@@ -484,6 +494,13 @@ def check_fields(cfg: Config) -> None:
         cfg.data.dummy_branching > 0,
         f"data.dummy_branching={cfg.data.dummy_branching}: must be a positive number",
     )
+    if cfg.data.kind == "dummy":
+        _require(
+            cfg.data.dummy_branching <= cfg.data.vocab_size,
+            f"data.dummy_branching={cfg.data.dummy_branching}: must be at most data.vocab_size="
+            f"{cfg.data.vocab_size} (a token's successors are distinct tokens)",
+        )
+    _positive(cfg, "profile.start_step", "profile.steps")
     _require(bool(cfg.run.dir), "run.dir: must name a directory")
     _require(bool(cfg.resume), "resume: expected auto, none or a checkpoint path")
 
@@ -609,6 +626,13 @@ def check_combinations(cfg: Config, world_size: int) -> None:
             f"{cfg.data.vocab_size} (tokenizer {cfg.data.tokenizer})",
         )
     check_documents(cfg)
+    if cfg.profile.enabled:
+        last = cfg.profile.start_step + cfg.profile.steps - 1
+        _require(
+            last <= t.max_steps,
+            f"profile.start_step={cfg.profile.start_step} + profile.steps={cfg.profile.steps}: "
+            f"the window ends at step {last}, after train.max_steps={t.max_steps}",
+        )
     _require(
         p.world_size == world_size,
         f"parallel: dp_replicate*dp_shard*cp*tp*pp = {p.world_size} must equal the world size "

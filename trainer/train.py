@@ -45,6 +45,7 @@ from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import ParallelModel, build_layout, parallelize
 from trainer.parallel.zero1 import zero1_group
 from trainer.preemption import StopController, StopOnSignal
+from trainer.profiling import StepProfiler
 from trainer.run_dir import RunDirError, RunDirLock
 from trainer.sinks import open_sinks
 from trainer.stability import Skip, UpdateGuard, global_loss_and_norm
@@ -143,6 +144,7 @@ def train(
     if cfg.eval.interval > 0 and parts.val_source is None:
         log.print(f"validation off: {no_validation_split(cfg)}")
     verified = VerifyReport(parts.loader.source)
+    profiler = StepProfiler(cfg.profile, run_dir, world.rank, device, state.step, log.print)
 
     module.train()
     collector = StepCollector()  # no automatic garbage collection inside a step
@@ -151,10 +153,12 @@ def train(
             lr = lr_at(state.step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            profiler.before(state.step + 1)
             loss_and_count, grad_norm, skip = train_step(
                 parts, cfg, device, meter, updates, state.step + 1
             )
             state.step += 1
+            profiler.after(state.step)
             if skip is not None:
                 log.print(skip.describe())
                 if updates.gave_up:
@@ -195,6 +199,7 @@ def train(
                 break
         checkpointer.finish()
     finally:
+        profiler.close()
         collector.restore()
         parts.close()
         log.close()
