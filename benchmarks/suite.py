@@ -1,4 +1,4 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader] [size=smoke|full] [write=false|true]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|loss] [size=smoke|full] [write=false|true]`
 
 One entry point for every benchmark; each prints its table.
 
@@ -17,7 +17,14 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from benchmarks import checkpointing, layouts, loader, prep_throughput, train_throughput
+from benchmarks import (
+    checkpointing,
+    layouts,
+    loader,
+    loss_head,
+    prep_throughput,
+    train_throughput,
+)
 
 SIZES = {
     "full": {
@@ -38,6 +45,7 @@ SIZES = {
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
         "loader": ["--mb", "1000"],
+        "loss": ["--tokens", "1024", "--hidden", "768", "--iters", "3"],  # V = 50257
     },
     "smoke": {
         "train": [
@@ -65,6 +73,18 @@ SIZES = {
             "1",
         ],
         "loader": ["--mb", "20", "--shard-mb", "2", "--seconds", "0.3"],
+        "loss": [
+            "--tokens",
+            "64",
+            "--hidden",
+            "32",
+            "--vocab",
+            "1000",
+            "--chunk",
+            "24",
+            "--iters",
+            "1",
+        ],
     },
 }
 SUITES = {
@@ -73,6 +93,7 @@ SUITES = {
     "prep": prep_throughput.main,
     "checkpoint": checkpointing.main,
     "loader": loader.main,
+    "loss": loss_head.main,
 }
 
 
