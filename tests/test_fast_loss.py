@@ -317,6 +317,14 @@ JOBS = {  # name: (parallel, model, train); each against "single" (padded, plain
     "tp2_loss_parallel": (parallel("tp", loss_parallel=True), PADDED, {}),
     "fsdp2_chunked": (parallel("fsdp"), {**PADDED, "loss_chunk_size": 24}, {"micro_batch_size": 2}),
     "ddp2_chunked": (parallel("ddp"), {**PADDED, "loss_chunk_size": 24}, {"micro_batch_size": 2}),
+    "tp2_chunked": (parallel("tp"), {**PADDED, "loss_chunk_size": 24}, {}),  # replicated head
+    "cp2_chunked": (parallel("cp"), {**PADDED, "loss_chunk_size": 24}, {}),  # each rank's tokens
+    # compiled blocks and head (the chunks' checkpoints inside the graph) in FSDP2's root unit
+    "fsdp2_chunked_compiled": (
+        parallel("fsdp"),
+        {**PADDED, "loss_chunk_size": 24},
+        {"micro_batch_size": 2, "compile": True},
+    ),
 }
 
 
@@ -337,7 +345,8 @@ def layout_runs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", list(JOBS))
 def test_padded_and_chunked_layouts_train_like_one_process(layout_runs, name):
     """Loss parallel over a padded vocabulary (the padded columns masked on their shard), and
-    the chunked loss under FSDP2 and DDP, with z-loss: like one process."""
+    the chunked loss under FSDP2 (also compiled), DDP, TP and CP, with z-loss: like one
+    process."""
     reference = layout_runs / "single"
     assert_close_per_step(records(layout_runs / name), records(reference), "loss", LOSS_ATOL)
     assert_same_final_weights(layout_runs / name, reference)
