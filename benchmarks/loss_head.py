@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,7 +34,14 @@ from trainer.models.head import head_loss
 from trainer.models.loss import lm_loss
 
 GPT2_VOCAB = 50257
-Step = Callable[[], None]
+
+
+class Step(NamedTuple):
+    """One variant: `clear` drops the gradients of the last pass (before measuring, so the
+    memory they free is not counted against the pass), `run` is one forward + backward."""
+
+    clear: Callable[[], None]
+    run: Callable[[], None]
 
 
 def _proc_status(field: str) -> int:
@@ -46,27 +54,29 @@ def _proc_status(field: str) -> int:
 
 def peak_bytes(step: Step, device: torch.device) -> int:
     """The memory one call of `step` adds at its peak (see the module doc)."""
+    step.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        step()
+        step.run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     start = _proc_status("VmRSS")
-    step()
+    step.run()
     return _proc_status("VmHWM") - start
 
 
 def median_ms(step: Step, iters: int, device: torch.device) -> float:
     times = []
     for _ in range(iters):
+        step.clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        step.run()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
@@ -76,11 +86,10 @@ def median_ms(step: Step, iters: int, device: torch.device) -> float:
 def loss_only(logits: torch.Tensor, targets: torch.Tensor, compiled: bool) -> Step:
     fn = torch.compile(lm_loss, fullgraph=True) if compiled else lm_loss
 
-    def step() -> None:
+    def clear() -> None:
         logits.grad = None
-        fn(logits, targets, 0.0).ce.backward()
 
-    return step
+    return Step(clear, lambda: fn(logits, targets, 0.0).ce.backward())
 
 
 def head(
@@ -94,11 +103,10 @@ def head(
 ) -> Step:
     fn = torch.compile(head_loss, fullgraph=True) if compiled else head_loss
 
-    def step() -> None:
+    def clear() -> None:
         x.grad = out.weight.grad = norm.weight.grad = norm.bias.grad = None
-        fn(norm, out, x, targets, 0.0, vocab, chunk).ce.backward()
 
-    return step
+    return Step(clear, lambda: fn(norm, out, x, targets, 0.0, vocab, chunk).ce.backward())
 
 
 def variants(args, padded: int, device: torch.device) -> dict[str, Step]:
@@ -131,8 +139,8 @@ def measure(args, device: torch.device) -> list[tuple[str, int, float, int]]:
     padded = -(-args.vocab // 128) * 128
     for vocab_rows in dict.fromkeys((args.vocab, padded)):  # once if already a multiple
         for name, step in variants(args, vocab_rows, device).items():
-            step()  # warm-up (compiles)
-            step()
+            step.clear()
+            step.run()  # warm-up (compiles)
             peak = peak_bytes(step, device)
             rows.append((name, vocab_rows, median_ms(step, args.iters, device), peak))
             print(f"  {name}, V={vocab_rows}: {rows[-1][2]:.1f} ms", flush=True)
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             "Output head: compiled and chunked loss, padded vocabulary",
             "dlt-bench suite=loss size=full write=true",
             f"{args.tokens} tokens x hidden {args.hidden}, fp32, V={args.vocab} (and padded to "
-            f"a multiple of 128); median of {args.iters} passes after 2 warm-ups; "
+            f"a multiple of 128); median of {args.iters} passes after a warm-up; "
             f"{args.threads} torch thread(s); peak = memory the pass adds (see "
             "benchmarks/loss_head.py)",
             result,

@@ -45,7 +45,8 @@ SIZES = {
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
         "loader": ["--mb", "1000"],
-        "loss": ["--tokens", "1024", "--hidden", "768", "--iters", "3"],  # V = 50257
+        # V = 50257; 4 x 1024 tokens: the chunked loss pays off where N is large against d
+        "loss": ["--tokens", "4096", "--hidden", "768", "--chunk", "1024", "--iters", "2"],
     },
     "smoke": {
         "train": [
@@ -73,13 +74,13 @@ SIZES = {
             "1",
         ],
         "loader": ["--mb", "20", "--shard-mb", "2", "--seconds", "0.3"],
-        "loss": [
+        "loss": [  # V=1024, a multiple of 128 already: no padded repeat
             "--tokens",
             "64",
             "--hidden",
             "32",
             "--vocab",
-            "1000",
+            "1024",
             "--chunk",
             "24",
             "--iters",
