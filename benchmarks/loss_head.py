@@ -9,10 +9,11 @@ vocabulary (V=50257) unpadded and padded to 50304 (`model.pad_vocab_to_multiple=
   `train.compile_loss` installs), chunked (`model.loss_chunk_size`) eager and compiled.
 
 Time: the median of `--iters` forward+backward passes after a warm-up (compilation is not
-counted). Peak memory: on CPU the rise of the process's peak resident set (Linux VmHWM, reset
-through /proc/self/clear_refs before each variant) over its resident set when the variant
-starts; on CUDA `max_memory_allocated` over the allocated memory at the start. Inputs and
-weights exist before the start, so the figure is what the pass itself allocates.
+counted). Peak memory: the largest, over those passes, of what a pass adds: on CPU the rise
+of the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs before
+each pass) over its resident set at the start; on CUDA `max_memory_allocated` over the
+memory allocated at the start. Inputs and weights exist (and the previous pass's gradients
+are dropped) before the start, so the figure is what the pass itself allocates.
 Run: `dlt-bench suite=loss [size=full]`.
 """
 
@@ -52,35 +53,27 @@ def _proc_status(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_bytes(step: Step, device: torch.device) -> int:
-    """The memory one call of `step` adds at its peak (see the module doc)."""
-    step.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        step.run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    start = _proc_status("VmRSS")
-    step.run()
-    return _proc_status("VmHWM") - start
-
-
-def median_ms(step: Step, iters: int, device: torch.device) -> float:
-    times = []
+def measure_step(step: Step, iters: int, device: torch.device) -> tuple[float, int]:
+    """(median ms, peak bytes added) of `iters` passes of `step` (see the module doc)."""
+    times, peaks = [], []
     for _ in range(iters):
         step.clear()
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+            base = _proc_status("VmRSS")
         start = time.perf_counter()
         step.run()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        top = torch.cuda.max_memory_allocated() if device.type == "cuda" else _proc_status("VmHWM")
+        peaks.append(top - base)
+    return statistics.median(times), max(peaks)
 
 
 def loss_only(logits: torch.Tensor, targets: torch.Tensor, compiled: bool) -> Step:
@@ -141,8 +134,7 @@ def measure(args, device: torch.device) -> list[tuple[str, int, float, int]]:
         for name, step in variants(args, vocab_rows, device).items():
             step.clear()
             step.run()  # warm-up (compiles)
-            peak = peak_bytes(step, device)
-            rows.append((name, vocab_rows, median_ms(step, args.iters, device), peak))
+            rows.append((name, vocab_rows, *measure_step(step, args.iters, device)))
             print(f"  {name}, V={vocab_rows}: {rows[-1][2]:.1f} ms", flush=True)
     return rows
 

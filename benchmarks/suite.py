@@ -45,8 +45,8 @@ SIZES = {
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
         "loader": ["--mb", "1000"],
-        # V = 50257; 4 x 1024 tokens: the chunked loss pays off where N is large against d
-        "loss": ["--tokens", "4096", "--hidden", "768", "--chunk", "1024", "--iters", "2"],
+        # V = 50257; 2 x 1024 tokens: the chunked loss pays off where N is large against d
+        "loss": ["--tokens", "2048", "--hidden", "768", "--chunk", "512", "--iters", "2"],
     },
     "smoke": {
         "train": [
