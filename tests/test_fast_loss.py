@@ -315,6 +315,7 @@ def test_resume_across_a_padding_change_is_refused(tiny):
 PADDED = {**MODEL, "pad_vocab_to_multiple": 8}  # 257 ids -> 264 rows (132 per TP rank)
 JOBS = {  # name: (parallel, model, train); each against "single" (padded, plain, eager)
     "tp2_loss_parallel": (parallel("tp", loss_parallel=True), PADDED, {}),
+    "pp2_padded": (parallel("pp", pp_microbatches=2), PADDED, {}),  # the schedule's loss
     "fsdp2_chunked": (parallel("fsdp"), {**PADDED, "loss_chunk_size": 24}, {"micro_batch_size": 2}),
     "ddp2_chunked": (parallel("ddp"), {**PADDED, "loss_chunk_size": 24}, {"micro_batch_size": 2}),
     "tp2_chunked": (parallel("tp"), {**PADDED, "loss_chunk_size": 24}, {}),  # replicated head
@@ -344,9 +345,9 @@ def layout_runs(tmp_path_factory) -> Path:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("name", list(JOBS))
 def test_padded_and_chunked_layouts_train_like_one_process(layout_runs, name):
-    """Loss parallel over a padded vocabulary (the padded columns masked on their shard), and
-    the chunked loss under FSDP2 (also compiled), DDP, TP and CP, with z-loss: like one
-    process."""
+    """With z-loss and a padded vocabulary, like one process: loss parallel (the padded
+    columns masked on their shard), a pipeline's last stage (its logits cut to the vocabulary)
+    and the chunked loss under FSDP2 (also compiled), DDP, TP and CP."""
     reference = layout_runs / "single"
     assert_close_per_step(records(layout_runs / name), records(reference), "loss", LOSS_ATOL)
     assert_same_final_weights(layout_runs / name, reference)
