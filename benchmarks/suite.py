@@ -1,4 +1,4 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|gpu] [size=smoke|full] [write=false|true]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|loss|gpu] [size=smoke|full] [write=false|true]`
 
 One entry point for every benchmark; each prints its table.
 
@@ -22,7 +22,15 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from benchmarks import checkpointing, gpu, layouts, loader, prep_throughput, train_throughput
+from benchmarks import (
+    checkpointing,
+    gpu,
+    layouts,
+    loader,
+    loss_head,
+    prep_throughput,
+    train_throughput,
+)
 
 SIZES = {
     "full": {
@@ -43,6 +51,8 @@ SIZES = {
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
         "loader": ["--mb", "1000"],
+        # V = 50257; 2 x 1024 tokens: the chunked loss pays off where N is large against d
+        "loss": ["--tokens", "2048", "--hidden", "768", "--chunk", "512", "--iters", "2"],
         "gpu": ["--size", "full"],
     },
     "smoke": {
@@ -71,6 +81,18 @@ SIZES = {
             "1",
         ],
         "loader": ["--mb", "20", "--shard-mb", "2", "--seconds", "0.3"],
+        "loss": [  # V=1024, a multiple of 128 already: no padded repeat
+            "--tokens",
+            "64",
+            "--hidden",
+            "32",
+            "--vocab",
+            "1024",
+            "--chunk",
+            "24",
+            "--iters",
+            "1",
+        ],
         "gpu": ["--size", "smoke"],
     },
 }
@@ -80,6 +102,7 @@ SUITES = {
     "prep": prep_throughput.main,
     "checkpoint": checkpointing.main,
     "loader": loader.main,
+    "loss": loss_head.main,
     "gpu": gpu.main,
 }
 ALL = [name for name in SUITES if name != "gpu"]  # suite=all: the GPU suite runs on its own

@@ -168,8 +168,9 @@ def test_compiled_runs_compile_on_every_rank_without_graph_breaks(runs, name):
     for rank in range(world):
         record = dynamo(runs.dir(f"compiled_{name}"), rank)
         assert record["frames_ok"] > 0 and record["unique_graphs"] > 0, (rank, record)
-        # training and evaluation (another grad mode): no recompiles per step or micro-batch
-        assert record["unique_graphs"] <= 2, (rank, record)
+        # training and evaluation (another grad mode), of the blocks and, but under pipeline
+        # parallel, of the head (train.compile_loss): no recompiles per step or micro-batch
+        assert record["unique_graphs"] <= (2 if name.startswith("pp") else 4), (rank, record)
         assert record["graph_breaks"] == {}, (rank, record["graph_breaks"])
         assert dynamo(runs.dir(eager(name)), rank)["unique_graphs"] == 0, rank
 

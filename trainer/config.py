@@ -87,10 +87,19 @@ class ModelConfig:
     doc_mask: bool  # attention stays inside each document of a packed window
     doc_positions: str  # continue | reset: positions restart at 0 after each EOT
     eot_id: int | None  # the end-of-text id doc_mask splits at; null: the dataset's
+    pad_vocab_to_multiple: int  # embedding/output rows rounded up to a multiple (1: none)
+    loss_chunk_size: int  # tokens per chunk of the lm_head + cross-entropy; 0: unchunked
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: `vocab_size` rounded up to a multiple of
+        `pad_vocab_to_multiple`; the rows past `vocab_size` are never a token."""
+        m = self.pad_vocab_to_multiple
+        return -(-self.vocab_size // m) * m
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ class TrainConfig:
     seed: int
     activation_checkpointing: bool
     compile: bool
+    compile_loss: bool  # with compile: the final norm, lm_head and loss compiled too
     cpu_threads: int  # torch threads per process on CPU; 0: auto (see trainer.distributed)
     z_loss: float  # weight of PaLM's z-loss, mean(logsumexp(logits)^2); 0: off
     skip_spike_factor: float  # skip an update whose loss/grad norm > factor x rolling mean; 0: off
@@ -441,6 +451,11 @@ def check_fields(cfg: Config) -> None:
     _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     if m.vocab_size is not None:
         _positive(cfg, "model.vocab_size")
+    _positive(cfg, "model.pad_vocab_to_multiple")
+    _require(
+        m.loss_chunk_size >= 0,
+        f"model.loss_chunk_size={m.loss_chunk_size}: must be >= 0 (tokens per chunk; 0: off)",
+    )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout}: must be in [0, 1)")
     _one_of("model.arch", m.arch, ARCHS)
     _one_of("model.attention", m.attention, ATTENTION_IMPLS)
@@ -734,11 +749,27 @@ def check_layout(cfg: Config) -> None:
         "parallel.zero1=true with precision=fp16 is not supported; use bf16 or fp32",
     )
     check_tp_extras(cfg)
+    check_chunked_loss(cfg)
     _require(
         not (m.doc_mask and p.pp > 1),
         f"model.doc_mask=true is not supported with pipeline parallel (parallel.pp={p.pp}): "
         "later stages receive hidden states, not the token ids the mask is built from",
     )
+
+
+def check_chunked_loss(cfg: Config) -> None:
+    """The chunked loss (model.loss_chunk_size > 0) takes the hidden states and the output
+    weight itself: where the output layer is split (loss parallel), sequence-sharded (sequence
+    parallel) or the loss is the pipeline schedule's (pp > 1), it would bypass that layout."""
+    p, key = cfg.parallel, f"model.loss_chunk_size={cfg.model.loss_chunk_size}"
+    if cfg.model.loss_chunk_size == 0:
+        return
+    for refused, what in (
+        (p.loss_parallel, "parallel.loss_parallel=true (the vocabulary is split already)"),
+        (p.sequence_parallel, "parallel.sequence_parallel=true"),
+        (p.pp > 1, f"pipeline parallel (parallel.pp={p.pp}); set 0"),
+    ):
+        _require(not refused, f"{key}: the chunked loss is not supported with {what}")
 
 
 def check_context_parallel(cfg: Config) -> None:

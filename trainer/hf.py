@@ -4,6 +4,10 @@ A folder holds `config.json` and `model.safetensors` (or a weights-only `pytorch
 Its `model_type` picks the architecture; the conversion of names and layouts is the
 architecture's (`trainer/models/<arch>/hf.py`, through its spec). Weights are read with
 safetensors or `torch.load(weights_only=True)`: a file that carries code is refused.
+
+A padded vocabulary (`model.pad_vocab_to_multiple`) is ours only: an exported model has the
+tokenizer's `model.vocab_size` rows (the padded ones dropped), and an imported one gets its
+padded rows added (zeros: they are never looked up, and the loss and logits ignore them).
 """
 
 from __future__ import annotations
@@ -98,7 +102,9 @@ def save_hf(model: nn.Module, out_dir: str | Path, eot_id: int | None = 50256) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = spec_of(model.cfg)
-    state = spec.hf.to_hf(model.state_dict(), model.cfg)
+    state = spec.hf.to_hf(
+        vocab_rows(model.state_dict(), model.cfg, model.cfg.vocab_size), model.cfg
+    )
     hf_cfg = spec.hf.hf_config(model.cfg, eot_id)
     state = first_of_each_tensor(state)
     save_file(
@@ -107,6 +113,26 @@ def save_hf(model: nn.Module, out_dir: str | Path, eot_id: int | None = 50256) -
         metadata={"format": "pt"},
     )
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return out
+
+
+def vocab_rows(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, rows: int
+) -> dict[str, torch.Tensor]:
+    """`state` with the token embedding and output weight cut to (or zero-padded up to)
+    `rows` rows: `cfg.vocab_size` for export, `cfg.padded_vocab_size` for import. A tied pair
+    stays one tensor (slices of one tensor share its storage)."""
+    spec = spec_of(cfg)
+    out = dict(state)
+    for name in (f"{spec.embedding}.weight", f"{spec.output}.weight"):
+        if name not in out or out[name].size(0) == rows:
+            continue
+        weight = out[name]
+        if weight.size(0) > rows:
+            out[name] = weight[:rows]
+        else:
+            extra = weight.new_zeros(rows - weight.size(0), *weight.shape[1:])
+            out[name] = torch.cat([weight, extra])
     return out
 
 
@@ -185,6 +211,8 @@ def convert_checked(
         state = fmt.from_hf(hf, model.cfg)
     except KeyError as err:
         raise ConfigError(f"{path}: tensor {err.args[0]} is missing") from None
+    if state[f"{spec_of(model.cfg).embedding}.weight"].size(0) == model.cfg.vocab_size:
+        state = vocab_rows(state, model.cfg, model.cfg.padded_vocab_size)
     expected = model.state_dict()
     wrong = [
         f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})"

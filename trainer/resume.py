@@ -25,8 +25,15 @@ from trainer.models import spec_of
 from trainer.run_dir import CONFIG
 
 # A checkpoint's weights fit only a model of the same architecture and shape (its spec's
-# shape_keys), and its token ids only the same tokenizer.
-TOKEN_KEYS = ("model.vocab_size", "data.tokenizer", "data.tokenizer_hash")
+# shape_keys), and its token ids only the same tokenizer. The vocabulary padding changes the
+# embedding's rows: a checkpoint continues only with its own (another one: export it with
+# dlt-export format=hf, which drops the padding, and start from that with model.init_from).
+TOKEN_KEYS = (
+    "model.vocab_size",
+    "model.pad_vocab_to_multiple",
+    "data.tokenizer",
+    "data.tokenizer_hash",
+)
 DATA_KEYS = {
     "shards": ("data.kind", "data.path", "data.mix"),
     "dummy": ("data.kind", "data.dummy_branching"),

@@ -17,6 +17,10 @@ A model class of the registry:
   attributes of `spec.first_stage` / `spec.last_stage` set to None when it does not run them:
   without the first ones it takes hidden states instead of token ids, without the last ones
   it returns hidden states;
+- ends its forward in trainer/models/head.py: `head_logits(...)` without targets, and its
+  `head_loss` attribute (the class's is `head.head_loss`; `train.compile_loss` puts a compiled
+  one on the instance) with targets, so the vocabulary padding and the chunked loss work
+  the same in every architecture;
 - `new_kv_cache()` returns one cache per block for generation (`forward(..., kv_cache=...)`
   then continues the cached tokens, one token at a time after the prompt);
 - `num_params(non_embedding=True)` counts parameters (tied weights once).

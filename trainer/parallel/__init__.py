@@ -27,7 +27,7 @@ from trainer.models import spec_of
 from trainer.models.loss import LossTerms
 from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
-from trainer.parallel.compile import apply_compile
+from trainer.parallel.compile import apply_compile, compile_head, head_compiled
 from trainer.parallel.context_parallel import ContextParallel
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync, static_graph_valid
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
@@ -207,6 +207,8 @@ def parallelize(
         apply_activation_checkpointing(blocks)
     if t.compile:
         apply_compile(blocks)
+    if head_compiled(cfg):
+        compile_head(model)
     wrapped: nn.Module = model
     set_sync: Callable[[bool], None] = lambda sync: None  # noqa: E731
     if p.fsdp_cpu_offload and device.type != "cuda":

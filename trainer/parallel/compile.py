@@ -19,13 +19,40 @@ depends on the layout:
 
 Blocks share one graph (same code, parameters are graph inputs); evaluation (no grad) compiles
 a second one. See docs/parallelism.md ("Compile under every layout").
+
+`train.compile_loss` compiles the output head too: the model's `head_loss` (final norm,
+output layer, fp32 cross-entropy and z-loss, or the chunked loss; trainer/models/head.py) is
+replaced on the instance by `torch.compile(head_loss, fullgraph=True)`, so a graph break in it
+fails loudly instead of silently running half of it eagerly. It runs inside the model's
+forward, where FSDP2's root unit has gathered the output weight (the root's hooks stay
+outside, as the blocks' do). It stays eager, by design, where the head holds DTensors whose
+layout hooks and `loss_parallel()` context were not tested compiled (TP's sequence parallel
+and loss parallel), and under pipeline parallel, whose schedule calls the loss on the logits
+the last stage returns (`head_compiled` says which).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from trainer.config import Config
+from trainer.models.head import head_loss
 
 
 def apply_compile(blocks: nn.ModuleDict) -> None:
     for block in blocks.values():
         block.compile()  # in place: parameter names stay the same
+
+
+def head_compiled(cfg: Config) -> bool:
+    """Whether `train.compile_loss` compiles the head in this layout (see the module doc)."""
+    t, p = cfg.train, cfg.parallel
+    eager_layout = p.pp > 1 or p.loss_parallel or p.sequence_parallel
+    return t.compile and t.compile_loss and not eager_layout
+
+
+def compile_head(model: nn.Module) -> None:
+    """The model's final norm + output layer + loss as one compiled graph (its instance's
+    `head_loss`; the class keeps the eager one)."""
+    model.head_loss = torch.compile(head_loss, fullgraph=True)

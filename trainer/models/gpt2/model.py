@@ -25,7 +25,8 @@ from trainer.models.attention import (
     find_documents,
     token_positions,
 )
-from trainer.models.loss import LossTerms, cross_entropy, lm_loss
+from trainer.models.head import head_logits, head_loss
+from trainer.models.loss import LossTerms
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,17 +82,21 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # final norm + output layer + loss: one function, which train.compile_loss replaces on
+    # the instance by its compiled version (trainer/parallel/compile.py)
+    head_loss = staticmethod(head_loss)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         # A dict keyed "0", "1", ...: the same parameter names as a list, but a pipeline stage
         # can drop the blocks it does not run and keep every remaining name unchanged.
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
         self.reset_parameters()
 
@@ -154,11 +159,11 @@ class GPT(nn.Module):
             x = block(x, kv_cache[int(name)] if kv_cache else None, docs)
         if self.lm_head is None:
             return x
-        logits = self.lm_head(self.ln_f(x))
         if targets is None:
-            return logits
-        return (
-            cross_entropy(logits, targets) if z_loss is None else lm_loss(logits, targets, z_loss)
+            return head_logits(self.ln_f, self.lm_head, x, self.cfg.vocab_size)
+        m = self.cfg
+        return self.head_loss(
+            self.ln_f, self.lm_head, x, targets, z_loss, m.vocab_size, m.loss_chunk_size
         )
 
 

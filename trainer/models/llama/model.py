@@ -27,7 +27,8 @@ from trainer.models.attention import (
     find_documents,
     token_positions,
 )
-from trainer.models.loss import LossTerms, cross_entropy, lm_loss
+from trainer.models.head import head_logits, head_loss
+from trainer.models.loss import LossTerms
 
 
 def ffn_hidden(cfg: ModelConfig) -> int:
@@ -196,17 +197,21 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    # final norm + output layer + loss: one function, which train.compile_loss replaces on
+    # the instance by its compiled version (trainer/parallel/compile.py)
+    head_loss = staticmethod(head_loss)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         rotary = Rotary(cfg)
         # A dict keyed "0", "1", ...: the same parameter names as a list, but a pipeline stage
         # can drop the blocks it does not run and keep every remaining name unchanged.
         self.blocks = nn.ModuleDict({str(i): Block(cfg, rotary) for i in range(cfg.n_layer)})
         self.final_norm = RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:  # Llama 3.2 1B/3B tie; 8B and larger do not
             self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -268,11 +273,11 @@ class Llama(nn.Module):
             x = block(x, kv_cache[int(name)] if kv_cache else None, docs)
         if self.lm_head is None:
             return x
-        logits = self.lm_head(self.final_norm(x))
         if targets is None:
-            return logits
-        return (
-            cross_entropy(logits, targets) if z_loss is None else lm_loss(logits, targets, z_loss)
+            return head_logits(self.final_norm, self.lm_head, x, self.cfg.vocab_size)
+        m = self.cfg
+        return self.head_loss(
+            self.final_norm, self.lm_head, x, targets, z_loss, m.vocab_size, m.loss_chunk_size
         )
 
 
