@@ -41,10 +41,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-# Flip to True once the keys of issue 12 items 1-3 (train.compile_loss, model.loss_chunk_size,
-# model.pad_vocab_to_multiple, model.attention=cudnn) are on this branch: their rows then run.
-ITEMS_1_3_MERGED = False
-
 BUDGET_S = 450.0  # the whole suite at size=full (8 minutes minus start-up and writing)
 CASE_TIMEOUT_S = 180.0  # one case at most (a cold gpt2_medium compile fits well inside)
 RESULT = "GPU_BENCH_RESULT "  # a worker's result line on stdout
@@ -61,14 +57,11 @@ class Case:
     compiled: bool = True
     checkpointing: bool = False
     overrides: tuple[str, ...] = ()
-    after_merge: bool = False  # names a key of items 1-3 (see ITEMS_1_3_MERGED)
     cuda_only: bool = False  # a CUDA kernel: left out at size=smoke (CPU)
 
 
-def item(label: str, override: str, after_merge: bool = True, cuda_only: bool = False) -> Case:
-    return Case(
-        f"{label}: {override}", overrides=(override,), after_merge=after_merge, cuda_only=cuda_only
-    )
+def item(label: str, override: str, cuda_only: bool = False) -> Case:
+    return Case(f"{label}: {override}", overrides=(override,), cuda_only=cuda_only)
 
 
 # In the order they run (the most telling first: the time budget cuts the tail).
@@ -80,8 +73,8 @@ CASES = [
     item("item 1 after", "model.loss_chunk_size=8192"),
     item("item 2 before", "model.pad_vocab_to_multiple=1"),
     item("item 2 after", "model.pad_vocab_to_multiple=128"),
-    item("item 3 before", "model.attention=sdpa", after_merge=False),
-    item("item 3 after", "model.attention=auto", after_merge=False),
+    item("item 3 before", "model.attention=sdpa"),
+    item("item 3 after", "model.attention=auto"),
     item("item 3 after", "model.attention=cudnn", cuda_only=True),
     Case("gpt2_small mb16 compiled, act. ckpt", checkpointing=True),
     Case("gpt2_small mb32 compiled", micro_batch=32),
@@ -159,12 +152,8 @@ def refusal(size_name: str) -> str | None:
 
 
 def active_cases(size: Size) -> list[Case]:
-    """The rows that run at `size` (see ITEMS_1_3_MERGED and Case.cuda_only)."""
-    return [
-        c
-        for c in CASES
-        if (ITEMS_1_3_MERGED or not c.after_merge) and (size.device == "cuda" or not c.cuda_only)
-    ]
+    """The rows that run at `size` (a CUDA kernel's rows only on CUDA: Case.cuda_only)."""
+    return [c for c in CASES if size.device == "cuda" or not c.cuda_only]
 
 
 def overrides_of(case: Case, size: Size) -> list[str]:
@@ -456,13 +445,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(problem)
     size = SIZES[args.size]
     cases = [c for c in active_cases(size) if not args.only or args.only in c.label]
-    pending = sum(c.after_merge for c in CASES) if not ITEMS_1_3_MERGED else 0
-    if pending:
-        print(
-            f"({pending} rows wait for the keys of issue 12 items 1-3: ITEMS_1_3_MERGED in "
-            "benchmarks/gpu.py)",
-            flush=True,
-        )
     started = time.perf_counter()
     jobs, measured_by = plan(cases, size)
     results = run_all(jobs, args.size, args.budget_s)

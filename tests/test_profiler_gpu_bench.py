@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from benchmarks import gpu, suite
-from jobs.cli import CONFIG_ERRORS
 from trainer.config import ConfigError, load_config
 from trainer.data import DummyTokens
 from trainer.profiling import FOLDER
@@ -157,13 +156,6 @@ def test_dummy_branching_above_the_vocabulary_is_refused(tiny):
 # ----------------------------------------------------------------- dlt-bench suite=gpu
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.md"
-# The keys of issue 12 items 1-3 that other branches add (gpu.ITEMS_1_3_MERGED waits for them).
-ITEM_KEYS = {
-    "train.compile_loss",
-    "model.loss_chunk_size",
-    "model.pad_vocab_to_multiple",
-    "model.attention",
-}
 
 
 def table_rows(out: str) -> dict[str, str]:
@@ -203,22 +195,28 @@ def test_dlt_bench_suite_gpu_smoke_prints_every_row(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nor anything else
 
 
-def test_the_rows_name_only_known_keys_and_the_pending_ones_wait_for_the_merge():
-    """Every row that runs resolves (full size: bf16 on CUDA); the rows that wait name only
-    the keys of items 1-3, which are unknown until the lead merges them and flips
-    benchmarks/gpu.py's ITEMS_1_3_MERGED (then this test checks every row)."""
+def test_every_row_resolves_at_full_size():
+    """Every row of the GPU run is a valid config: bf16 on CUDA, GPT-2's shapes, and the
+    before/after rows change only the key they name."""
     full = gpu.SIZES["full"]
-    for case in gpu.active_cases(full):
+    base = gpu.resolve(gpu.overrides_of(gpu.CASES[0], full))
+    for case in gpu.CASES:
         cfg = gpu.resolve(gpu.overrides_of(case, full))
         assert cfg.precision == "bf16" and cfg.model.block_size == 1024, case.label
         assert cfg.model.vocab_size == 50257 and cfg.train.compile == case.compiled
-    pending = [case for case in gpu.CASES if case not in gpu.active_cases(full)]
-    assert {o.partition("=")[0] for case in pending for o in case.overrides} <= ITEM_KEYS
-    if not gpu.ITEMS_1_3_MERGED:
-        assert len(pending) == 7
-        for case in pending:
-            with pytest.raises((ConfigError, *CONFIG_ERRORS)):  # merged? flip ITEMS_1_3_MERGED
-                gpu.resolve(gpu.overrides_of(case, full))
+    first_of = {c.overrides[0].partition("=")[0]: c for c in gpu.CASES if c.overrides}
+    assert set(first_of) == {
+        "train.compile_loss",
+        "model.loss_chunk_size",
+        "model.pad_vocab_to_multiple",
+        "model.attention",
+    }
+    for key, case in first_of.items():
+        section, name = key.split(".")
+        cfg = gpu.resolve(gpu.overrides_of(case, full))
+        value = case.overrides[0].partition("=")[2]
+        assert str(getattr(getattr(cfg, section), name)).lower() == value, case.label
+        assert cfg.model.n_layer == base.model.n_layer
 
 
 def test_the_cases_cover_the_grid_the_issue_asks_for():

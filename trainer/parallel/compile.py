@@ -54,5 +54,11 @@ def head_compiled(cfg: Config) -> bool:
 
 def compile_head(model: nn.Module) -> None:
     """The model's final norm + output layer + loss as one compiled graph (its instance's
-    `head_loss`; the class keeps the eager one)."""
+    `head_loss`; the class keeps the eager one).
+
+    With compilation switched off for the process (`TORCH_COMPILE_DISABLE=1`, a debugging
+    switch) the head stays eager like the blocks: a `fullgraph=True` function that dynamo may
+    not trace raises instead of running eagerly."""
+    if torch._dynamo.config.disable:
+        return
     model.head_loss = torch.compile(head_loss, fullgraph=True)
