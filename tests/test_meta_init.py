@@ -61,7 +61,7 @@ def reference(cfg: dict) -> dict[str, torch.Tensor]:
     """The single process's initial parameters and buffers (this process: a world of one)."""
     config = resolve_config({**cfg, "parallel": parallel("single")}, world_size=1)
     model = build_model(config, torch.device("cpu"))
-    return {**model.state_dict(), **dict(model.named_buffers())}  # tied: both names
+    return {**model.state_dict(), **dict(model.named_buffers(remove_duplicate=False))}
 
 
 def compare_worker(rank: int, jobs: list[tuple[str, dict, str]], out: str) -> None:
@@ -95,7 +95,7 @@ def compare_worker(rank: int, jobs: list[tuple[str, dict, str]], out: str) -> No
             checked.append(key)
             if not same:
                 bad.append(key)
-        for key, buffer in pm.module.named_buffers():
+        for key, buffer in pm.module.named_buffers(remove_duplicate=False):
             checked.append(key)
             if not torch.equal(buffer, want[key]):
                 bad.append(key)
