@@ -1,4 +1,4 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader] [size=smoke|full] [write=false|true]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|init] [size=smoke|full] [write=false|true]`
 
 One entry point for every benchmark; each prints its table.
 
@@ -17,7 +17,14 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from benchmarks import checkpointing, layouts, loader, prep_throughput, train_throughput
+from benchmarks import (
+    checkpointing,
+    init_memory,
+    layouts,
+    loader,
+    prep_throughput,
+    train_throughput,
+)
 
 SIZES = {
     "full": {
@@ -38,6 +45,7 @@ SIZES = {
         "prep": ["--mb", "50"],
         "checkpoint": ["--model", "gpt2_small"],
         "loader": ["--mb", "1000"],
+        "init": ["--model", "gpt2_large", "--nproc", "2"],
     },
     "smoke": {
         "train": [
@@ -65,6 +73,7 @@ SIZES = {
             "1",
         ],
         "loader": ["--mb", "20", "--shard-mb", "2", "--seconds", "0.3"],
+        "init": ["--model", "tiny", "--nproc", "2"],
     },
 }
 SUITES = {
@@ -73,6 +82,7 @@ SUITES = {
     "prep": prep_throughput.main,
     "checkpoint": checkpointing.main,
     "loader": loader.main,
+    "init": init_memory.main,
 }
 
 

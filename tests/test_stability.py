@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 Z = 1e-2  # large enough to change the second step's loss visibly
 # factor 1.05 over a window of 2 accepted steps: tiny_config's run skips several real steps
-# (8, 11, 12, 14, 16; margins of 2% and more, far above rounding between layouts)
+# (8, 11, 12, 16; the closest call, step 8, by 0.3%: ~1000x the rounding between layouts)
 SPIKES = {
     "max_steps": 16,
     "skip_spike_factor": 1.05,
@@ -197,9 +197,9 @@ def test_skipped_update_leaves_weights_and_optimizer_state_untouched(tiny):
     cfg = tiny(train=SPIKES, checkpoint={"interval": 1, "keep": 20})
     run(cfg)
     run_dir = Path(cfg["run"]["dir"])
-    assert skipped_steps(run_dir) == [8, 11, 12, 14, 16]
+    assert skipped_steps(run_dir) == [8, 11, 12, 16]
     log = (run_dir / TRAIN_LOG).read_text()
-    assert "step 8: update skipped: grad norm 1.445 > threshold 1.374" in log
+    assert "step 8: update skipped: grad norm 1.407 > threshold 1.403" in log
 
     def state(step: int) -> tuple[dict, dict]:
         _, pm, optimizer = build_training_state(tiny("view"))
@@ -223,7 +223,7 @@ def test_resume_skips_exactly_the_steps_of_an_uninterrupted_run(tiny, stop_at):
     second = run(cfg)
     assert first.step == stop_at and second.resumed_from is not None
     assert {**first.losses, **second.losses} == whole.losses  # float equality: bitwise
-    assert skipped_steps(cfg["run"]["dir"]) == skipped_steps(whole.run_dir) == [8, 11, 12, 14, 16]
+    assert skipped_steps(cfg["run"]["dir"]) == skipped_steps(whole.run_dir) == [8, 11, 12, 16]
     saved = checkpoint.read_trainer_state(first.last_checkpoint)["stability"]
     assert saved["consecutive"] == (2 if stop_at == 12 else 0)
 
@@ -288,4 +288,4 @@ def test_z_loss_and_skipping_match_one_process_on_two(tiny, tmp_path):
                 assert got[step][key] == pytest.approx(want[step][key], abs=atol), (name, key)
         assert got[6]["val_loss"] == pytest.approx(want[6]["val_loss"], abs=1e-5), name
     assert skipped_steps(tmp_path / "ddp2_spikes") == skipped_steps(single_spikes)
-    assert skipped_steps(single_spikes) == [8, 11, 12, 14, 16]
+    assert skipped_steps(single_spikes) == [8, 11, 12, 16]
