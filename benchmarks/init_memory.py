@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"building {label} x{nproc} ({build}) ...", flush=True)
             got = measure(nproc, build, args.model, parallel)
             whole = 4 * got["n"] / 2**30
-            per_rank = " / ".join(f"{g:.2f}" for g in got["gib"])
+            per_rank = " / ".join(f"{g:.3f}" for g in got["gib"])
             lines.append(
-                f"| {label} | {build} | {nproc} | {per_rank} | {whole / nproc:.2f} | "
-                f"{whole:.2f} | {got['s']:.1f} |"
+                f"| {label} | {build} | {nproc} | {per_rank} | {whole / nproc:.3f} | "
+                f"{whole:.3f} | {got['s']:.1f} |"
             )
     table = "\n".join(lines)
     print(table)

@@ -5,7 +5,7 @@ One entry point for every benchmark; each prints its table.
 - `size=smoke` (the default): toy sizes and 1-3 steps, a minute or two on 2 cores. It checks
   that every benchmark runs; its figures are not measurements (each table says so).
 - `size=full`: the measurements (`gpt2_small` and `llama_150m` in fp32 and bf16, more steps:
-  long on a CPU).
+  long on a CPU; `suite=init`: building `gpt2_large` on one process and FSDP x2).
 - `write=true` (with `size=full` only): also append the tables to benchmarks/results.md, with
   the machine, versions, date and command. Without it nothing is written.
 

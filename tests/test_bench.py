@@ -25,11 +25,12 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for header in (
-        "=== [1/5] train (size=smoke)",
-        "=== [2/5] layouts (size=smoke)",
-        "=== [3/5] prep (size=smoke)",
-        "=== [4/5] checkpoint (size=smoke)",
-        "=== [5/5] loader (size=smoke)",
+        "=== [1/6] train (size=smoke)",
+        "=== [2/6] layouts (size=smoke)",
+        "=== [3/6] prep (size=smoke)",
+        "=== [4/6] checkpoint (size=smoke)",
+        "=== [5/6] loader (size=smoke)",
+        "=== [6/6] init (size=smoke)",
     ):
         assert header in done.stdout
     for row in (
@@ -39,9 +40,10 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
         "dlt-prep: chunked pool",
         "training stall per checkpoint, async",
         "| random windows/s, 3:1 mixture of two |",
+        "| FSDP | meta | 2 |",
     ):
         assert row in done.stdout
-    assert done.stdout.count(suite.SMOKE_CAVEAT) == 5  # after every table
+    assert done.stdout.count(suite.SMOKE_CAVEAT) == 6  # after every table
     after = RESULTS.read_bytes() if RESULTS.exists() else None
     assert before == after  # smoke timings never land in results.md
 
