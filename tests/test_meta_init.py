@@ -213,7 +213,7 @@ def test_resume_does_not_initialise(tiny, monkeypatch):
         assert len(r["init_memory_gib_per_device"]) == 1
         assert r["init_memory_gib"] == max(r["init_memory_gib_per_device"]) >= 0
     log = (Path(cfg["run"]["dir"]) / "train.log").read_text()
-    assert "model built in" in log.splitlines()[0]
+    assert f"init memory {firsts[0]['init_memory_gib']:.2f} GiB" in log.splitlines()[0]
 
 
 def test_fsdp_ranks_build_only_their_shard(tmp_path):

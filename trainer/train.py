@@ -544,8 +544,8 @@ def banner(
         f"run {cfg.run.dir} | model {n_params / 1e6:.2f}M params | {world.size} x "
         f"{device.type}{threads} | mesh pp={p.pp} dp_replicate={p.dp_replicate} "
         f"dp_shard={p.dp_shard} cp={p.cp} tp={p.tp} | precision {cfg.precision} | "
-        f"{meter.tokens_per_step:,} tokens/step | model built in "
-        f"{max(meter.init_memory_per_device):.2f} GiB/rank at most | {origin}"
+        f"{meter.tokens_per_step:,} tokens/step | init memory "
+        f"{max(meter.init_memory_per_device):.2f} GiB (max over ranks) | {origin}"
     )
 
 
