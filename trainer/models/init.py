@@ -74,7 +74,8 @@ def local_part(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """What this rank holds of `full` as `param` holds it: for a DTensor the local shard its
     placements say (FSDP2's uneven Shard(0) chunks, TP's Shard(0)/Shard(1), both at once on
     a 2-D mesh), cut locally: every rank has the same `full`, so nothing is sent
-    (`src_data_rank=None`)."""
+    (`src_data_rank=None`). On a GPU mesh DTensor copies `full` to the device before cutting
+    it: the device peak is then this rank's part plus one full parameter."""
     if not isinstance(param, DTensor):
         return full
     placed = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
