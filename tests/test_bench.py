@@ -59,10 +59,10 @@ def calls(monkeypatch) -> dict[str, list[str]]:
 
 def test_the_default_is_smoke_size_and_no_writing(calls, capsys):
     suite.main([])
-    assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader"]
+    assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader", "init"]
     for name, args in calls.items():
         assert args == ["--no-write", *suite.SIZES["smoke"][name]]
-    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 5
+    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 6
 
 
 def test_full_size_writes_only_when_asked(calls, capsys):
