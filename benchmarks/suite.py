@@ -1,11 +1,11 @@
-"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|loss|gpu] [size=smoke|full] [write=false|true]`
+"""`dlt-bench [suite=all|train|layouts|prep|checkpoint|loader|loss|init|gpu] [size=smoke|full] [write=false|true]`
 
 One entry point for every benchmark; each prints its table.
 
 - `size=smoke` (the default): toy sizes and 1-3 steps, a minute or two on 2 cores. It checks
   that every benchmark runs; its figures are not measurements (each table says so).
 - `size=full`: the measurements (`gpt2_small` and `llama_150m` in fp32 and bf16, more steps:
-  long on a CPU).
+  long on a CPU; `suite=init`: building `gpt2_large` on one process and FSDP x2).
 - `write=true` (with `size=full` only): also append the tables to benchmarks/results.md, with
   the machine, versions, date and command. Without it nothing is written.
 
@@ -25,6 +25,7 @@ from typing import NoReturn
 from benchmarks import (
     checkpointing,
     gpu,
+    init_memory,
     layouts,
     loader,
     loss_head,
@@ -53,6 +54,7 @@ SIZES = {
         "loader": ["--mb", "1000"],
         # V = 50257; 2 x 1024 tokens: the chunked loss pays off where N is large against d
         "loss": ["--tokens", "2048", "--hidden", "768", "--chunk", "512", "--iters", "2"],
+        "init": ["--model", "gpt2_large", "--nproc", "2"],
         "gpu": ["--size", "full"],
     },
     "smoke": {
@@ -93,6 +95,7 @@ SIZES = {
             "--iters",
             "1",
         ],
+        "init": ["--model", "tiny", "--nproc", "2"],
         "gpu": ["--size", "smoke"],
     },
 }
@@ -103,6 +106,7 @@ SUITES = {
     "checkpoint": checkpointing.main,
     "loader": loader.main,
     "loss": loss_head.main,
+    "init": init_memory.main,
     "gpu": gpu.main,
 }
 ALL = [name for name in SUITES if name != "gpu"]  # suite=all: the GPU suite runs on its own

@@ -25,12 +25,13 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for header in (
-        "=== [1/6] train (size=smoke)",
-        "=== [2/6] layouts (size=smoke)",
-        "=== [3/6] prep (size=smoke)",
-        "=== [4/6] checkpoint (size=smoke)",
-        "=== [5/6] loader (size=smoke)",
-        "=== [6/6] loss (size=smoke)",
+        "=== [1/7] train (size=smoke)",
+        "=== [2/7] layouts (size=smoke)",
+        "=== [3/7] prep (size=smoke)",
+        "=== [4/7] checkpoint (size=smoke)",
+        "=== [5/7] loader (size=smoke)",
+        "=== [6/7] loss (size=smoke)",
+        "=== [7/7] init (size=smoke)",
     ):
         assert header in done.stdout
     for row in (
@@ -41,6 +42,7 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
         "training stall per checkpoint, async",
         "| random windows/s, 3:1 mixture of two |",
         "| head + loss, chunked 24, compiled | 1024 |",
+        "| FSDP | meta | 2 |",
     ):
         assert row in done.stdout
     assert done.stdout.count(suite.SMOKE_CAVEAT) == 6  # after every table
@@ -59,7 +61,7 @@ def calls(monkeypatch) -> dict[str, list[str]]:
 
 def test_the_default_is_smoke_size_and_no_writing(calls, capsys):
     suite.main([])
-    assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader", "loss"]
+    assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader", "loss", "init"]
     for name, args in calls.items():
         assert args == ["--no-write", *suite.SIZES["smoke"][name]]
     assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 6

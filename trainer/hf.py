@@ -27,6 +27,7 @@ from torch import nn
 
 from trainer.config import ConfigError, ModelConfig, model_config
 from trainer.models import build_model, spec_for_hf, spec_of
+from trainer.models.init import Values, materialize
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -231,19 +232,32 @@ def check_hf_folder(folder: str | Path, cfg: ModelConfig) -> None:
     weights_file(folder)
 
 
+def hf_values(folder: str | Path, cfg: ModelConfig, model: nn.Module) -> Values:
+    """The weights of a local Hugging Face folder as initial `values` for `model` (built
+    from `cfg`, e.g. on the meta device: only its names and shapes are read), after checking
+    the folder's config and tensors against it. The file is read once, whole, on the CPU;
+    each rank then copies its part of each tensor (trainer/models/init.py)."""
+    folder = Path(folder)
+    check_same_shapes(read_hf_config(folder), cfg, folder)
+    path = weights_file(folder)
+    state = convert_checked(read_weights(path), model, path)
+    if missing := sorted(set(model.state_dict()) - set(state)):
+        raise ConfigError(f"{path}: no tensor for {', '.join(missing[:3])} of the model")
+    return lambda name, shape: state[name]
+
+
 def load_hf(folder: str | Path, cfg: ModelConfig | None = None) -> nn.Module:
-    """A model built from a local Hugging Face folder (e.g. a downloaded `gpt2`, or a Llama).
+    """A model built from a local Hugging Face folder (e.g. a downloaded `gpt2`, or a Llama),
+    on the CPU.
 
     With `cfg`, the folder's `config.json` must have the same architecture and shapes;
-    without, the model takes them from it.
+    without, the model takes them from it. The model is built on the meta device and its
+    storage filled from the file: no random initialisation first.
     """
-    folder = Path(folder)
-    hf_cfg = read_hf_config(folder)
     if cfg is None:
-        cfg = model_config_from_hf(hf_cfg)
-    else:
-        check_same_shapes(hf_cfg, cfg, folder)
-    path = weights_file(folder)
-    model = build_model(cfg)
-    model.load_state_dict(convert_checked(read_weights(path), model, path))
+        cfg = model_config_from_hf(read_hf_config(Path(folder)))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    values = hf_values(folder, cfg, model)
+    materialize(model, torch.device("cpu"), values, spec_of(cfg).tied(cfg))
     return model

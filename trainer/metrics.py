@@ -55,6 +55,57 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _status_kib(field: str) -> int | None:
+    """A `VmRSS:`/`VmHWM:` line of /proc/self/status in KiB (None where there is none)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class BuildMemory:
+    """The peak memory of building the model (`with BuildMemory(device) as m: ...`, then
+    `m.gib`): what a rank needed to hold its part of the model before the first step.
+
+    - CUDA: `torch.cuda.max_memory_allocated` at the end, the allocator's peak so far (the
+      model is the first thing a run puts on the GPU).
+    - CPU: the growth of this process's peak resident set over the build: the kernel's
+      high-water mark (VmHWM) is reset to the current RSS at the start (/proc/self/clear_refs,
+      "5") and read at the end, minus the RSS at the start. So it is measured, not computed:
+      every page the build touched and held at its peak (parameters, the full tensor of the
+      parameter being initialised, allocator slack), not the interpreter and libraries that
+      were there before. Where the reset is refused, the peak since the process started is
+      used (an upper bound); without /proc (not Linux), `ru_maxrss` likewise.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gib = 0.0
+        self._start_kib = 0
+
+    def __enter__(self) -> BuildMemory:
+        if self.device.type != "cuda":
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+            except OSError:
+                pass
+            self._start_kib = _status_kib("VmRSS") or 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            return
+        peak = _status_kib("VmHWM")
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        self.gib = max(peak - self._start_kib, 0) / 2**20
+
+
 def local_bytes(t: torch.Tensor) -> int:
     """Bytes this rank holds of `t` (a sharded DTensor: its local shard only)."""
     t = t.to_local() if hasattr(t, "to_local") else t
@@ -103,8 +154,16 @@ class StepMeter:
     """Throughput, MFU, memory and time per step over each log window."""
 
     def __init__(
-        self, cfg: Config, n_params: int, device: torch.device, world_size: int, state: TrainState
+        self,
+        cfg: Config,
+        n_params: int,
+        device: torch.device,
+        world_size: int,
+        state: TrainState,
+        init_memory_gib: float = 0.0,
     ):
+        """`init_memory_gib`: this rank's :class:`BuildMemory` (collective: gathered from
+        every rank, for the banner and the first record)."""
         t = cfg.train
         self.tokens_per_step = (
             t.micro_batch_size * t.grad_accum * cfg.parallel.dp_size * cfg.model.block_size
@@ -118,6 +177,9 @@ class StepMeter:
             state.tokens = state.step * self.tokens_per_step
         self._elapsed_before = state.elapsed_s
         self._attempt_start = time.perf_counter()
+        per_rank = distributed.all_gather_floats([init_memory_gib], device)
+        self.init_memory_per_device = [round(r[0], 4) for r in per_rank]
+        self._init_reported = False  # the first record of this attempt carries it
         self.new_window()
 
     def new_window(self) -> None:
@@ -179,4 +241,8 @@ class StepMeter:
             **{f"time_{what}_s": self.seconds[what] / steps for what in TIMED},
             "restarts": self.state.restarts,
         }
+        if not self._init_reported:
+            self._init_reported = True
+            record["init_memory_gib"] = max(self.init_memory_per_device)
+            record["init_memory_gib_per_device"] = self.init_memory_per_device
         return record

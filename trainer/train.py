@@ -30,19 +30,21 @@ from data_prep.shards import read_manifest
 from trainer import distributed, resume
 from trainer import run_dir as run_files
 from trainer.checkpoint import Checkpointer, read_trainer_state
-from trainer.config import Config, resolve_config, to_dict
+from trainer.config import Config, ModelConfig, resolve_config, to_dict
 from trainer.data import BatchLoader, SampleSource, build_source, has_split, tokenizer_folder
 from trainer.errors import TrainingError
 from trainer.evals import hellaswag
 from trainer.garbage import StepCollector
 from trainer.hangs import timeouts_end_the_run
-from trainer.hf import load_hf
+from trainer.hf import hf_values
 from trainer.logger import MetricsLogger, log_line
-from trainer.metrics import StepMeter, perplexity
+from trainer.metrics import BuildMemory, StepMeter, perplexity
 from trainer.mixture import MixtureSource
 from trainer.models import build_model as new_model
+from trainer.models import spec_of
+from trainer.models.init import Values, materialize, seeded_values
 from trainer.optim import build_optimizer, lr_at
-from trainer.parallel import ParallelModel, build_layout, parallelize
+from trainer.parallel import Layout, ParallelModel, build_layout, parallelize
 from trainer.parallel.zero1 import zero1_group
 from trainer.preemption import StopController, StopOnSignal
 from trainer.profiling import StepProfiler
@@ -129,7 +131,7 @@ def train(
         prepare_run_dir(cfg, run_dir)
 
     questions = hellaswag.examples_for_run(cfg)  # None: eval.hellaswag is off
-    parts = build_parts(cfg, world, device)
+    parts = build_parts(cfg, world, device, resuming=start.path is not None)
     module, optimizer = parts.pm.module, parts.optimizer
     state = TrainState(origin=start.origin)
     log = MetricsLogger(run_dir, t.max_steps, start.step, world.is_main, cfg.log.progress)
@@ -139,7 +141,7 @@ def train(
     load_s = checkpointer.restore(start.path, start.saved) if start.path else 0.0
     if world.is_main:  # only rank 0 writes; the ids go into every checkpoint
         log.sinks, state.logger_ids = open_sinks(cfg, run_dir, state.step, state.logger_ids)
-    meter = StepMeter(cfg, parts.n_params, device, world.size, state)
+    meter = StepMeter(cfg, parts.n_params, device, world.size, state, parts.init_memory_gib)
     log.print(banner(cfg, world, device, parts.n_params, meter, start, load_s))
     if cfg.eval.interval > 0 and parts.val_source is None:
         log.print(f"validation off: {no_validation_split(cfg)}")
@@ -220,6 +222,7 @@ class TrainingParts:
     loader: BatchLoader
     val_source: SampleSource | None  # None: the data has no validation split
     n_params: int  # of the whole model
+    init_memory_gib: float = 0.0  # this rank's peak memory of building the model
 
     def close(self) -> None:
         """Stop the loader's prefetching and the sources' shard verification."""
@@ -229,18 +232,61 @@ class TrainingParts:
                 source.close()
 
 
+def meta_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The whole model of `model.arch` on the meta device: shapes only, no memory, no random
+    numbers drawn (trainer/models/init.py gives it storage and values)."""
+    with torch.device("meta"):
+        return new_model(cfg)
+
+
+def initial_values(cfg: Config, model: torch.nn.Module) -> Values:
+    """Where a fresh run's weights come from: the Hugging Face folder of `model.init_from`,
+    else the architecture's rule, each parameter seeded from (train.seed, its name)."""
+    if cfg.model.init_from:
+        return hf_values(cfg.model.init_from, cfg.model, model)
+    spec = spec_of(cfg.model)
+    return seeded_values(lambda name: spec.init_rule(name, cfg.model), cfg.train.seed)
+
+
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """The whole model of `model.arch`, identically initialised on every rank (same seed)."""
-    torch.manual_seed(cfg.train.seed)
-    init_from = cfg.model.init_from
-    model = load_hf(init_from, cfg.model) if init_from else new_model(cfg.model)
-    return model.to(device)
+    """The whole model of `model.arch` on `device`, initialised as every layout initialises
+    its part of it (the reference the layouts' parts are slices of)."""
+    torch.manual_seed(cfg.train.seed)  # the dropout RNG (the weights do not draw from it)
+    model = meta_model(cfg.model)
+    materialize(model, device, initial_values(cfg, model), spec_of(cfg.model).tied(cfg.model))
+    return model
 
 
-def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> TrainingParts:
+def build_parallel_model(
+    cfg: Config, layout: Layout, device: torch.device, resuming: bool = False
+) -> tuple[ParallelModel, int, float]:
+    """This rank's part of the model, parallelised, with storage only for what it holds.
+
+    Built on meta, split and sharded there, then materialised on `device` and initialised
+    (or left for the checkpoint restore to fill: `resuming`). Returns the parallel model,
+    the whole model's parameter count and the peak memory of the build in GiB
+    (:class:`trainer.metrics.BuildMemory`)."""
+    torch.manual_seed(cfg.train.seed)  # the dropout RNG (the weights do not draw from it)
+    # FSDP2's CPU offload keeps the shards in (pinned) host memory
+    home = torch.device("cpu") if cfg.parallel.fsdp_cpu_offload else device
+    with BuildMemory(device) as memory:
+        model = meta_model(cfg.model)
+        n_params = model.num_params()
+        values = None if resuming else initial_values(cfg, model)
+        tied = spec_of(cfg.model).tied(cfg.model)
+        pm = parallelize(
+            model, cfg, layout, device, lambda part: materialize(part, home, values, tied)
+        )
+    return pm, n_params, memory.gib
+
+
+def build_parts(
+    cfg: Config, world: distributed.World, device: torch.device, resuming: bool = False
+) -> TrainingParts:
+    """Model, optimizer, scaler and loaders of this rank; `resuming`: a checkpoint restore
+    fills the weights (they are not initialised)."""
     layout = build_layout(cfg, device.type, world.size)
-    full_model = build_model(cfg, device)
-    pm = parallelize(full_model, cfg, layout, device)
+    pm, n_params, init_gib = build_parallel_model(cfg, layout, device, resuming)
     optimizer = build_optimizer(
         pm.module, cfg.train, device, shard_over=zero1_group(cfg.parallel, layout)
     )
@@ -256,7 +302,7 @@ def build_parts(cfg: Config, world: distributed.World, device: torch.device) -> 
     val_source = None
     if cfg.eval.interval > 0 and has_split(cfg, "val"):
         val_source = build_source(cfg, "val", verify=True)
-    return TrainingParts(pm, optimizer, scaler, loader, val_source, full_model.num_params())
+    return TrainingParts(pm, optimizer, scaler, loader, val_source, n_params, init_gib)
 
 
 def build_checkpointer(
@@ -507,7 +553,8 @@ def banner(
         f"run {cfg.run.dir} | model {n_params / 1e6:.2f}M params | {world.size} x "
         f"{device.type}{threads} | mesh pp={p.pp} dp_replicate={p.dp_replicate} "
         f"dp_shard={p.dp_shard} cp={p.cp} tp={p.tp} | precision {cfg.precision} | "
-        f"{meter.tokens_per_step:,} tokens/step | {origin}"
+        f"{meter.tokens_per_step:,} tokens/step | init memory "
+        f"{max(meter.init_memory_per_device):.2f} GiB (max over ranks) | {origin}"
     )
 
 

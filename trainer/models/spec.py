@@ -8,7 +8,10 @@ defines a model class and a `SPEC`, and one line in `trainer/models/__init__.py`
 
 A model class of the registry:
 
-- is built as `Model(cfg: ModelConfig)` with its weights initialised (`reset_parameters()`);
+- is built as `Model(cfg: ModelConfig)` with its weights initialised (`reset_parameters()`,
+  each parameter by `spec.init_rule`); built under `torch.device("meta")` it holds shapes
+  only, and trainer/models/init.py materialises and initialises it per parameter (a module
+  with buffers that no checkpoint holds recomputes them in `reset_buffers()`);
 - keeps its repeated blocks in an `nn.ModuleDict` keyed "0", "1", ... (`spec.layers`), each
   block called as `block(x, cache, docs)` (`docs`: the documents of packed windows for
   model.doc_mask, or None), so pipeline stages can drop blocks and keep the names;
@@ -43,6 +46,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from trainer.config import ModelConfig
+from trainer.models.init import Init
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,9 @@ class ModelSpec:
     # model.* keys a checkpoint's weights depend on (a resume with another value is refused)
     shape_keys: tuple[str, ...]
     hf: HFFormat
+    # how parameter `name` (its name in the full model) starts: trainer/models/init.py draws
+    # each one from it, whole, and every rank keeps its part (meta-device initialisation)
+    init_rule: Callable[[str, ModelConfig], Init]
     # layouts this architecture cannot run: a one-line message naming the key, or None
     check_layout: Callable[[ModelConfig, Any], str | None] = field(default=lambda m, p: None)
 

@@ -3,7 +3,11 @@
 `parallelize()` applies, in this order, whatever the `parallel` config asks for:
 
     pipeline split (pp) -> tensor parallel (tp) -> activation checkpointing -> compile
-    -> FSDP2 (dp_shard, with dp_replicate: HSDP) or DDP (dp_replicate only)
+    -> FSDP2 (dp_shard, with dp_replicate: HSDP) -> storage and values
+    -> DDP (dp_replicate only)
+
+(the model is built on the meta device: it gets storage only once it is split and sharded,
+each rank for the stage and the shards it holds, trainer/models/init.py)
     (context parallel (cp) changes no module: each micro-batch runs on this rank's tokens)
 
 and returns a :class:`ParallelModel`: the training loop calls `forward_backward` per
@@ -24,6 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import Config, ConfigError
 from trainer.models import spec_of
+from trainer.models.init import on_meta
 from trainer.models.loss import LossTerms
 from trainer.models.spec import ModelSpec
 from trainer.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -188,10 +193,21 @@ def scale_grads(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor)
 
 
 def parallelize(
-    model: nn.Module, cfg: Config, layout: Layout, device: torch.device
+    model: nn.Module,
+    cfg: Config,
+    layout: Layout,
+    device: torch.device,
+    materialize: Callable[[nn.Module], None] | None = None,
 ) -> ParallelModel:
-    """Apply the configured parallelism to `model` (already on `device`) for this rank; where
-    its parts are comes from its architecture's spec (`trainer/models/`)."""
+    """Apply the configured parallelism to `model` for this rank; where its parts are comes
+    from its architecture's spec (`trainer/models/`). `model` is changed in place.
+
+    A model on the meta device (trainer/models/init.py) is split and sharded there and then
+    given storage by `materialize(part)`, after FSDP2 (so each rank allocates its shards
+    only) and before DDP (which broadcasts real tensors). A model already on `device` needs
+    no `materialize`."""
+    if materialize is None and on_meta(model):
+        raise ValueError("parallelize: a model on the meta device needs `materialize`")
     p, t = cfg.parallel, cfg.train
     spec = spec_of(cfg.model)
     mesh = layout.mesh
@@ -220,7 +236,9 @@ def parallelize(
             model, blocks, dp_mesh, p.fsdp_reshard_after_forward, param_dtype, p.fsdp_cpu_offload
         )
         set_sync = lambda sync: set_fsdp_sync(model, sync)  # noqa: E731
-    elif mesh is not None and p.dp_replicate > 1:
+    if materialize is not None:
+        materialize(model)  # storage for what this rank holds, then its values
+    if mesh is not None and p.dp_shard * p.cp == 1 and p.dp_replicate > 1:
         static = static_graph_valid(t.grad_accum, t.compile)
         wrapped = apply_ddp(model, mesh["dp_replicate"], p.ddp_bucket_mb, static)
         set_sync = lambda sync: set_ddp_sync(wrapped, sync)  # noqa: E731

@@ -64,9 +64,11 @@ def stage_blocks(n_layer: int, n_stages: int, stage: int) -> list[str]:
 
 
 def split_model(model: nn.Module, n_stages: int, stages: list[int], spec: ModelSpec) -> nn.Module:
-    """A copy of `model` with only what `stages` run (one rank's part); parameter names are
-    unchanged, so its state dict holds the full model's names for checkpoints."""
-    part = copy.deepcopy(model)  # a tied pair stays one parameter in the copy
+    """`model` cut down, in place, to what `stages` run (one rank's part): no copy, so a
+    model on the meta device stays there and the rank later allocates only its part.
+    Parameter names are unchanged, so its state dict holds the full model's names for
+    checkpoints."""
+    part = model
     keep = {b for s in stages for b in stage_blocks(model.cfg.n_layer, n_stages, s)}
     blocks = getattr(part, spec.layers)
     for name in list(blocks):

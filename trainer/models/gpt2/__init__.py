@@ -6,7 +6,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from trainer.models.gpt2 import hf
-from trainer.models.gpt2.model import GPT, flops_per_token
+from trainer.models.gpt2.model import GPT, flops_per_token, init_rule
 from trainer.models.spec import (
     HFFormat,
     ModelSpec,
@@ -88,5 +88,6 @@ SPEC = ModelSpec(
         unsupported=hf.unsupported,
         behaviour_keys=("layer_norm_eps",),
     ),
+    init_rule=init_rule,
     check_layout=check_layout,
 )

@@ -26,7 +26,20 @@ from trainer.models.attention import (
     token_positions,
 )
 from trainer.models.head import head_logits, head_loss
+from trainer.models.init import Init
 from trainer.models.loss import LossTerms
+
+
+def init_rule(name: str, cfg: ModelConfig) -> Init:
+    """GPT-2 init of parameter `name`: N(0, 0.02) for weights, residual projections (o_proj,
+    mlp.proj) scaled by 1/sqrt(2*n_layer), LayerNorm weights one, biases zero."""
+    if name.endswith("bias"):
+        return Init("zeros")
+    if ".ln_" in name or name.startswith("ln_"):
+        return Init("ones")
+    if name.endswith(("o_proj.weight", "mlp.proj.weight")):
+        return Init("normal", 0.02 / math.sqrt(2 * cfg.n_layer))
+    return Init("normal", 0.02)
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,16 +114,10 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2*n_layer)."""
+        """Each parameter by :func:`init_rule`, from the global RNG (a model built on the
+        meta device is initialised by trainer/models/init.py instead, per parameter)."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("ln_"):
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, std=0.02)
+            init_rule(name, self.cfg).apply_(p)
 
     def new_kv_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.cfg.n_layer)]

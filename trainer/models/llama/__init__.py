@@ -7,7 +7,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
 from trainer.models.llama import hf
-from trainer.models.llama.model import Llama, ffn_hidden, flops_per_token
+from trainer.models.llama.model import Llama, ffn_hidden, flops_per_token, init_rule
 from trainer.models.spec import (
     HFFormat,
     ModelSpec,
@@ -115,5 +115,6 @@ SPEC = ModelSpec(
         unsupported=hf.unsupported,
         behaviour_keys=("tie_embeddings", "rope_theta", "rope_scaling", "layer_norm_eps"),
     ),
+    init_rule=init_rule,
     check_layout=check_layout,
 )

@@ -28,6 +28,7 @@ from trainer.models.attention import (
     token_positions,
 )
 from trainer.models.head import head_logits, head_loss
+from trainer.models.init import Init
 from trainer.models.loss import LossTerms
 
 
@@ -67,13 +68,23 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def init_rule(name: str, cfg: ModelConfig) -> Init:
+    """Llama init of parameter `name`: N(0, 0.02) for embeddings and linears, residual
+    output projections (o_proj, down_proj) scaled by 1/sqrt(2*n_layer), norms at one."""
+    if name.endswith("norm.weight"):
+        return Init("ones")
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return Init("normal", 0.02 / math.sqrt(2 * cfg.n_layer))
+    return Init("normal", 0.02)
+
+
 class Rotary(nn.Module):
     """Rotary position embeddings (RoPE): each pair of a query's or key's dimensions is
     rotated by an angle proportional to the token's position, so the dot product of a query
     and a key depends only on how far apart they are.
 
     The cos/sin tables for positions 0 .. block_size-1 are computed once, in float32, and
-    kept as non-persistent buffers (not in checkpoints; rebuilt by `reset_parameters`). One
+    kept as non-persistent buffers (not in checkpoints; rebuilt by `reset_buffers`). One
     instance is shared by every block's attention, so the model holds one copy.
     """
 
@@ -83,10 +94,10 @@ class Rotary(nn.Module):
         half = (cfg.n_embd // cfg.n_head) // 2
         self.register_buffer("cos", torch.empty(cfg.block_size, half), persistent=False)
         self.register_buffer("sin", torch.empty(cfg.block_size, half), persistent=False)
-        self.reset_parameters()
+        self.reset_buffers()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_buffers(self) -> None:
         positions = torch.arange(self.cfg.block_size, dtype=torch.float)
         angles = positions[:, None] * rope_inv_freq(self.cfg)[None, :]  # (T, head_dim / 2)
         self.cos.copy_(angles.cos())
@@ -221,15 +232,10 @@ class Llama(nn.Module):
         down_proj) scaled by 1/sqrt(2*n_layer), norms at one; the rotary tables rebuilt (they
         are buffers: after building on the meta device they must be computed again)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, std=0.02)
+            init_rule(name, self.cfg).apply_(p)
         for module in self.modules():
             if isinstance(module, Rotary):
-                module.reset_parameters()
+                module.reset_buffers()
 
     def new_kv_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.cfg.n_layer)]
