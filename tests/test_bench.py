@@ -45,7 +45,7 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
         "| FSDP | meta | 2 |",
     ):
         assert row in done.stdout
-    assert done.stdout.count(suite.SMOKE_CAVEAT) == 6  # after every table
+    assert done.stdout.count(suite.SMOKE_CAVEAT) == 7  # after every table
     after = RESULTS.read_bytes() if RESULTS.exists() else None
     assert before == after  # smoke timings never land in results.md
 
