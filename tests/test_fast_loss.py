@@ -307,6 +307,7 @@ def test_resume_across_a_padding_change_is_refused(tiny):
     with pytest.raises(ConfigError, match="model.pad_vocab_to_multiple=1 but checkpoint") as err:
         run(tiny(model={"pad_vocab_to_multiple": 1}))
     assert "\n" not in str(err.value)
+    assert "add model.pad_vocab_to_multiple=8 to continue this checkpoint" in str(err.value)
     assert sorted(run(cfg).losses) == [3, 4, 5, 6]  # its own padding continues
 
 

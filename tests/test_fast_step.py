@@ -291,21 +291,23 @@ def test_static_graph_only_where_valid() -> None:
 
 def test_garbage_collector_stays_out_of_the_step(tmp_path) -> None:
     """Inside the loop the automatic collector is off; the young generations are collected on
-    log steps only (every 2nd step and the last); afterwards the collector is back on."""
-    young = []  # one entry per collection of generation 1 (what the loop asks for)
+    log steps only (every 2nd step and the last), all of them after a checkpoint (every 3rd
+    step and the last); afterwards the collector is back on."""
+    young, full = [], []  # one entry per collection of generation 1 / 2 (the loop's)
 
     def count(phase: str, info: dict) -> None:
-        if phase == "start" and info["generation"] == 1:
-            young.append(1)
+        if phase == "start":
+            {1: young, 2: full}.get(info["generation"], []).append(1)
 
-    seen: dict[int, tuple[bool, int]] = {}
+    seen: dict[int, tuple[bool, int, int]] = {}
 
-    def observe(step: int) -> bool:
-        seen[step] = (gc.isenabled(), len(young))
+    def observe(step: int) -> bool:  # before the step's checkpoint
+        seen[step] = (gc.isenabled(), len(young), len(full))
         return False
 
     cfg = config(tmp_path / "gc", steps=5)
     cfg["log"]["interval"] = 2
+    cfg["checkpoint"] = {"interval": 3}
     assert gc.isenabled()
     gc.callbacks.append(count)
     try:
@@ -313,9 +315,12 @@ def test_garbage_collector_stays_out_of_the_step(tmp_path) -> None:
     finally:
         gc.callbacks.remove(count)
     assert gc.isenabled()
-    assert [enabled for enabled, _ in seen.values()] == [False] * 5
+    assert [enabled for enabled, _, _ in seen.values()] == [False] * 5
     collections = [seen[step][1] - seen[step - 1][1] for step in range(2, 6)]
     assert collections == [1, 0, 1, 1]  # after steps 2, 4 and 5 (the last is always logged)
+    full_collections = [seen[step][2] - seen[step - 1][2] for step in range(2, 6)]
+    assert full_collections == [0, 0, 1, 0]  # after step 3's checkpoint (5's: after observe)
+    assert len(full) == seen[5][2] + 1  # and after the last one
 
 
 def test_optimizer_keeps_its_kernels_after_loading_a_state_dict() -> None:

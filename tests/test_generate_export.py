@@ -229,6 +229,35 @@ def test_export_hf_matches_checkpoint(run_dir, tmp_path, capsys):
     assert diff <= 1e-5
 
 
+def test_a_trained_model_takes_this_machines_attention_kernel(tmp_path):
+    """The attention kernel is not part of the weights: a checkpoint trained with a fixed
+    `model.attention` (a GPU run's cudnn or flash) loads for generation, export and
+    evaluation with `auto`, the kernel this machine and precision can run."""
+    from trainer.train import run
+
+    path = tmp_path / "sdpa"
+    run(
+        {
+            "run": {"dir": str(path)},
+            "train": {"max_steps": 1, "micro_batch_size": 1, "warmup_steps": 1},
+            "model": {
+                "n_layer": 1,
+                "n_head": 2,
+                "n_embd": 16,
+                "block_size": 16,
+                "attention": "sdpa",
+            },
+            "eval": {"interval": 0},
+            "log": {"progress": False},
+            "data": DUMMY_DATA,
+            "device": "cpu",
+        }
+    )
+    model, state = load_model(path)
+    assert state["config"]["model"]["attention"] == "sdpa"
+    assert model.cfg.attention == "auto"
+
+
 def test_export_torch_is_a_plain_state_dict(run_dir, tmp_path):
     out = tmp_path / "pt"
     export_cli.main([f"checkpoint={run_dir}", "format=torch", f"out={out}"])

@@ -5,6 +5,7 @@ written in the background by default."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -162,3 +163,22 @@ def test_bad_timeout_or_async_setting_is_one_line_naming_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(override)
     assert str(err.value).startswith(key) and "\n" not in str(err.value), err.value
+
+
+def test_groups_made_after_init_wait_as_long_as_dist_timeout_s():
+    """The device mesh's dimensions and the async-checkpoint group are made after
+    init_process_group without a timeout of their own: they wait dist.timeout_s too, not
+    torch's defaults (30 min on gloo, 10 on NCCL)."""
+    c10d = torch.distributed.distributed_c10d
+    before = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    torch.distributed.init_process_group(
+        "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+    )
+    try:
+        distributed.set_default_timeout(datetime.timedelta(seconds=7))
+        group = torch.distributed.new_group(backend="gloo")
+        waits = group._get_backend(torch.device("cpu")).options._timeout
+        assert waits == datetime.timedelta(seconds=7)
+    finally:
+        torch.distributed.destroy_process_group()
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = before

@@ -160,6 +160,7 @@ def test_non_finite_weights_are_never_checkpointed(tiny, monkeypatch):
         ("train.lr=nan", "train.lr=nan: must be a positive number"),
         ("model.layer_norm_eps=-1", "model.layer_norm_eps=-1.0: must be a positive number"),
         ("train.cpu_threads=-2", "train.cpu_threads=-2: must be >= 0"),
+        ("train.seed=-1", "train.seed=-1: must be >= 0"),
     ],
 )
 def test_values_that_cannot_train_are_refused(tiny, capsys, override, message):

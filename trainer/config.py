@@ -441,6 +441,7 @@ def check_fields(cfg: Config) -> None:
     _finite(cfg, "model.dropout", "model.layer_norm_eps")
     _positive(cfg, "model.layer_norm_eps")
     _require(t.cpu_threads >= 0, f"train.cpu_threads={t.cpu_threads}: must be >= 0 (0: auto)")
+    _require(t.seed >= 0, f"train.seed={t.seed}: must be >= 0 (it seeds NumPy's generators too)")
     _positive(cfg, "parallel.pp_microbatches", "parallel.ddp_bucket_mb")
     _positive(cfg, "parallel.pp_virtual_stages")
     _require(

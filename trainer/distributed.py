@@ -100,7 +100,18 @@ def init(
             device_id=device if use_cuda else None,
             timeout=None if timeout_s is None else datetime.timedelta(seconds=timeout_s),
         )
+    if timeout_s is not None:
+        set_default_timeout(datetime.timedelta(seconds=timeout_s))
     return world, device
+
+
+def set_default_timeout(timeout: datetime.timedelta) -> None:
+    """Every process group made from now on without a timeout of its own waits `timeout`
+    too: the device mesh's dimensions (an HSDP, FSDP x TP or 3-D run's FSDP and TP
+    collectives) and the asynchronous checkpoints' gloo group. torch would give those its
+    own defaults (10 min on NCCL, 30 on gloo) whatever the default group was given."""
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
 
 
 def enable_tf32() -> None:

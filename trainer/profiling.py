@@ -80,8 +80,9 @@ class StepProfiler:
             self.write()
 
     def start(self) -> None:
-        if self.cuda:  # every allocation from here on, with its Python and C++ stack
-            torch.cuda.memory._record_memory_history(max_entries=MEMORY_EVENTS)
+        if self.cuda:  # every allocation from here on, with its Python stack (a C++ stack per
+            # allocation too would slow the very steps the profiler times)
+            torch.cuda.memory._record_memory_history(stacks="python", max_entries=MEMORY_EVENTS)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         # record_shapes: each op's input shapes (which matmul is which), for little overhead.
         # with_stack stays off: a Python stack per op multiplies the trace's size and slows

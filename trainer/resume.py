@@ -241,10 +241,14 @@ def compare(cfg: Config, saved: dict[str, Any], path: Path, explicit: bool) -> l
     then["model"] = dataclasses.asdict(model_config(then.get("model") or {}))
     for key in ("model.arch", *spec_of(cfg.model).shape_keys, *TOKEN_KEYS):
         if _get(now, key) != _get(then, key):
+            instead = (  # a preset's padding changed under a run (1 before it existed)
+                f"add {key}={_get(then, key)} to continue this checkpoint"
+                if key == "model.pad_vocab_to_multiple"
+                else "use another run.dir for a different model or tokenizer"
+            )
             raise ConfigError(
                 f"{key}={_get(now, key)} but checkpoint {path} has {_get(then, key)}: its "
-                "weights or token ids do not fit; use another run.dir for a different model or "
-                "tokenizer"
+                f"weights or token ids do not fit; {instead}"
             )
     changed_data = [
         key

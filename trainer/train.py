@@ -193,6 +193,7 @@ def train(
                 state.elapsed_s = meter.elapsed_s()  # this step's evaluation included
                 with meter.timing("checkpoint"):  # the stall; async: only the copy to memory
                     checkpointer.save(state.step)
+                collector.collect(full=True)
             if stopping:
                 result.stopped_early = stop.reason
                 log.print(

@@ -13,7 +13,8 @@ import torch
 from data_prep.tokenizers import TOKENIZER_FILES, Tokenizer, get_tokenizer
 from trainer import checkpoint, resume
 from trainer.config import model_config
-from trainer.models import build_model
+from trainer.models import build_model, spec_of
+from trainer.models.init import materialize
 
 
 def load_model(
@@ -23,8 +24,12 @@ def load_model(
     state, with `checkpoint_dir` added (where files such as a trained tokenizer are)."""
     folder = resume.resolve(path)
     state = {**checkpoint.read_trainer_state(folder), "checkpoint_dir": str(folder)}
-    # The saved model section on today's defaults (a key added since is filled in).
-    model = build_model(model_config(state["config"]["model"], dropout=0.0))
+    # The saved model section on today's defaults (a key added since is filled in). The
+    # attention kernel is not part of the weights: the one this machine and precision can run.
+    cfg = model_config(state["config"]["model"], dropout=0.0, attention="auto")
+    with torch.device("meta"):  # shapes only: the checkpoint fills every parameter
+        model = build_model(cfg)
+    materialize(model, torch.device("cpu"), None, spec_of(cfg).tied(cfg))
     checkpoint.load(folder, model)
     return model.to(device).eval(), state
 
