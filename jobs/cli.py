@@ -145,6 +145,10 @@ def errors_as_one_line(prog: str) -> Iterator[None]:
     except EXPECTED_ERRORS as err:
         if not same_on_every_rank(err) or os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {describe_error(err)}", file=sys.stderr)
+        if getattr(err, "exit_at_once", False):  # no waiting for threads stuck elsewhere
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         raise SystemExit(2) from None
 
 

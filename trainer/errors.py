@@ -15,3 +15,6 @@ class CollectiveTimeout(TrainingError):
     # Raised by the ranks that waited, which may not include rank 0 (rank 0 may be the one
     # that stopped): each prints its line.
     same_on_every_rank = False
+    # Another thread may still wait inside a collective (an asynchronous checkpoint's), and
+    # the interpreter would join it at exit: the process ends at once after the line.
+    exit_at_once = True
