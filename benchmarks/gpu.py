@@ -247,6 +247,7 @@ def measure(overrides: list[str], size: Size) -> dict[str, Any]:
     import torch
 
     from trainer import distributed
+    from trainer.garbage import StepCollector
     from trainer.metrics import StepMeter, peak_memory_gib
     from trainer.stability import UpdateGuard
     from trainer.state import TrainState
@@ -266,11 +267,15 @@ def measure(overrides: list[str], size: Size) -> dict[str, Any]:
         warmup_s = time.perf_counter() - started
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the timed steps' peak only
-        timer = Timer(device)
-        timer.start()
-        for step in range(size.warmup + 1, size.warmup + size.steps + 1):
-            train_step(parts, cfg, device, meter, updates, step)
-        seconds = timer.stop() / size.steps
+        collector = StepCollector()  # as in the training loop: no collection inside a step
+        try:
+            timer = Timer(device)
+            timer.start()
+            for step in range(size.warmup + 1, size.warmup + size.steps + 1):
+                train_step(parts, cfg, device, meter, updates, step)
+            seconds = timer.stop() / size.steps
+        finally:
+            collector.restore()
         return {
             "ms_per_step": 1e3 * seconds,
             "tokens_per_s": meter.tokens_per_step / seconds,
