@@ -334,3 +334,14 @@ def test_optimizer_keeps_its_kernels_after_loading_a_state_dict() -> None:
         group["foreach"], group["fused"] = None, False  # as written before foreach was set
     optimizer.load_state_dict(state)
     assert all(g["foreach"] and not g["fused"] for g in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("choice", ["flash", "cudnn"])
+@pytest.mark.parametrize("precision, device", [("fp32", "auto"), ("bf16", "cpu")])
+def test_a_gpu_kernel_is_refused_before_the_build(tmp_path, choice, precision, device) -> None:
+    """A fixed GPU kernel that cannot run (fp32, or device=cpu) is one line from the config
+    validation, before any model is built."""
+    cfg = config(tmp_path / "kernel")
+    cfg["model"]["attention"], cfg["precision"], cfg["device"] = choice, precision, device
+    with pytest.raises(ConfigError, match=rf"^model\.attention={choice} needs a CUDA GPU [^\n]*$"):
+        resolve_config(cfg, world_size=1)

@@ -641,6 +641,13 @@ def check_combinations(cfg: Config, world_size: int) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than data.vocab_size="
             f"{cfg.data.vocab_size} (tokenizer {cfg.data.tokenizer})",
         )
+    if m.attention in ("flash", "cudnn"):  # said before the build, not at the first forward
+        _require(
+            cfg.precision in ("bf16", "fp16") and cfg.device != "cpu",
+            f"model.attention={m.attention} needs a CUDA GPU and precision=bf16 or fp16 "
+            f"(precision={cfg.precision}, device={cfg.device}); model.attention=auto picks "
+            "what runs",
+        )
     check_documents(cfg)
     if cfg.profile.enabled:
         last = cfg.profile.start_step + cfg.profile.steps - 1
