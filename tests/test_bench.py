@@ -64,7 +64,7 @@ def test_the_default_is_smoke_size_and_no_writing(calls, capsys):
     assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader", "loss", "init"]
     for name, args in calls.items():
         assert args == ["--no-write", *suite.SIZES["smoke"][name]]
-    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 6
+    assert capsys.readouterr().out.count(suite.SMOKE_CAVEAT) == 7
 
 
 def test_full_size_writes_only_when_asked(calls, capsys):

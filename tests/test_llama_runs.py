@@ -42,9 +42,17 @@ def llama_run(tmp_path_factory) -> Path:
     return Path(cfg["run"]["dir"])
 
 
-def test_llama_trains_and_its_loss_falls(llama_run):
-    losses = [r["loss"] for r in read_jsonl(llama_run / METRICS)]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+def test_llama_trains_and_its_loss_falls(tmp_path):
+    """Over 12 steps at a constant learning rate the last 4 steps' mean loss is clearly below
+    the first 4's (measured: 5.55 -> 5.43; batch-to-batch noise is ~0.01)."""
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", model=dict(LLAMA))
+    cfg["train"].update(max_steps=12, lr=3e-3, lr_schedule="constant", warmup_steps=1)
+    run(cfg)
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / METRICS)]
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05
 
 
 def test_export_loads_with_auto_model_and_auto_tokenizer(llama_run, tmp_path):
