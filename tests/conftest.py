@@ -94,3 +94,14 @@ def slurm_cluster():
     yield slurm.SLURM_CONF
     if started:
         subprocess.run([sys.executable, "-m", "jobs.local_slurm", "down"], env=env, check=True)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict[str, list[str]]:
+    """dlt-bench's suites each replaced by one that records the arguments it was given."""
+    from benchmarks import suite
+
+    seen: dict[str, list[str]] = {}
+    fakes = {name: (lambda args, name=name: seen.__setitem__(name, args)) for name in suite.SUITES}
+    monkeypatch.setattr(suite, "SUITES", fakes)
+    return seen

@@ -50,15 +50,6 @@ def test_dlt_bench_runs_every_suite_at_smoke_size_by_default_without_writing(tmp
     assert before == after  # smoke timings never land in results.md
 
 
-@pytest.fixture
-def calls(monkeypatch) -> dict[str, list[str]]:
-    """Every suite replaced by one that records the arguments it was given."""
-    seen: dict[str, list[str]] = {}
-    fakes = {name: (lambda args, name=name: seen.__setitem__(name, args)) for name in suite.SUITES}
-    monkeypatch.setattr(suite, "SUITES", fakes)
-    return seen
-
-
 def test_the_default_is_smoke_size_and_no_writing(calls, capsys):
     suite.main([])
     assert list(calls) == ["train", "layouts", "prep", "checkpoint", "loader", "loss", "init"]

@@ -261,15 +261,6 @@ def test_full_size_runs_each_case_in_its_own_process_within_the_budget():
     assert spent == {i: {"error": "not run: the 1 s budget was spent"} for i in (0, 1)}
 
 
-@pytest.fixture
-def calls(monkeypatch) -> dict[str, list[str]]:
-    """Every suite replaced by one that records the arguments it was given."""
-    seen: dict[str, list[str]] = {}
-    fakes = {name: (lambda args, name=name: seen.__setitem__(name, args)) for name in suite.SUITES}
-    monkeypatch.setattr(suite, "SUITES", fakes)
-    return seen
-
-
 def test_suite_all_leaves_the_gpu_suite_out(calls):
     suite.main([])
     assert "gpu" not in calls and list(calls) == suite.ALL
