@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from trainer.config import TrainConfig, wsd_decay_steps
+from trainer.parallel.mesh import by_layout
 from trainer.parallel.zero1 import local_optimizer, shard_optimizer
 
 
@@ -49,11 +49,7 @@ def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[s
     """`params` as AdamW groups of one kind each: the plain tensors, and the DTensors of each
     (mesh, placements) (FSDP shards, TP's column/row shards and replicated layers). Foreach and
     fused kernels take a list of tensors of one kind: a DTensor next to a plain tensor fails."""
-    kinds: dict[tuple, list[nn.Parameter]] = {}
-    for p in params:
-        kind = (p.device_mesh, p.placements) if isinstance(p, DTensor) else None
-        kinds.setdefault(kind, []).append(p)
-    return [{"params": group, "weight_decay": weight_decay} for group in kinds.values()]
+    return [{"params": group, "weight_decay": weight_decay} for group in by_layout(params).values()]
 
 
 def keep_implementation(optimizer: torch.optim.Optimizer, implementation: dict) -> None:

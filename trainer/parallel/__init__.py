@@ -36,7 +36,7 @@ from trainer.parallel.compile import apply_compile, compile_head, head_compiled
 from trainer.parallel.context_parallel import ContextParallel
 from trainer.parallel.ddp import apply_ddp, set_ddp_sync, static_graph_valid
 from trainer.parallel.fsdp import apply_fsdp, set_fsdp_sync
-from trainer.parallel.mesh import Layout, build_layout, fsdp_mesh
+from trainer.parallel.mesh import Layout, build_layout, by_layout, fsdp_mesh
 from trainer.parallel.pipeline import (
     build_schedule,
     rank_stages,
@@ -163,16 +163,13 @@ def grad_norm(grads: list[torch.Tensor], pp_group: dist.ProcessGroup | None) -> 
     DDP, TP's replicated layers) in one group; DTensors (FSDP/TP shards) in one group per
     (mesh, placements), whose norm DTensor reduces across the shards. Pipeline stages hold
     different parameters: their squared norms are summed over the pp group."""
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    by_layout: dict[tuple, list[DTensor]] = {}
-    for g in grads:
-        if isinstance(g, DTensor):
-            by_layout.setdefault((g.device_mesh, g.placements), []).append(g)
+    sharded = by_layout(grads)
+    plain = sharded.pop(None, [])
     device = grads[0].device if grads else torch.device("cpu")
     squares = torch.zeros((), device=device)
     if plain:
         squares = squares + torch.nn.utils.get_total_norm(plain).float() ** 2
-    for group in by_layout.values():
+    for group in sharded.values():
         norm = torch.nn.utils.get_total_norm(group, foreach=True)
         squares = squares + norm.full_tensor().float() ** 2
     if pp_group is not None:

@@ -15,13 +15,29 @@ averages the gradients there, as torchtitan does; DDP is not used with cp.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from trainer.config import Config, ParallelConfig
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+T = TypeVar("T", bound=torch.Tensor)
+
+
+def by_layout(tensors: Iterable[T]) -> dict[tuple | None, list[T]]:
+    """`tensors` grouped by how they are laid out: the plain ones under None, the DTensors
+    under their (mesh, placements). Foreach/fused kernels take one kind of tensor per call,
+    and DTensor reduces a norm across the shards of one layout at a time."""
+    groups: dict[tuple | None, list[T]] = {}
+    for t in tensors:
+        key = (t.device_mesh, t.placements) if isinstance(t, DTensor) else None
+        groups.setdefault(key, []).append(t)
+    return groups
 
 
 @dataclass(frozen=True)
