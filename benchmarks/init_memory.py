@@ -39,9 +39,9 @@ def build_worker(out: str, build: str, overrides: list[str]) -> None:
     from trainer import distributed
     from trainer.config import resolve_config
     from trainer.metrics import BuildMemory
-    from trainer.models import build_model
+    from trainer.models import build_model, build_on_meta
     from trainer.parallel import build_layout, parallelize
-    from trainer.train import build_parallel_model, meta_model
+    from trainer.train import build_parallel_model
 
     world = distributed.world_from_env()
     cfg = resolve_config(training_dict(compose_config("train", overrides)), world_size=world.size)
@@ -58,7 +58,7 @@ def build_worker(out: str, build: str, overrides: list[str]) -> None:
     seconds = time.perf_counter() - started
     per_rank = distributed.all_gather_floats([gib, seconds], device)
     if world.is_main:
-        n = sum(p.numel() for p in meta_model(cfg.model).parameters())  # tied ones once
+        n = sum(p.numel() for p in build_on_meta(cfg.model).parameters())  # tied ones once
         gibs, slowest = [r[0] for r in per_rank], max(r[1] for r in per_rank)
         Path(out).write_text(json.dumps({"gib": gibs, "s": slowest, "n": n}))
     distributed.shutdown()

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from trainer.config import ConfigError, ModelConfig, model_config
-from trainer.models import build_model, spec_for_hf, spec_of
+from trainer.models import build_on_meta, spec_for_hf, spec_of
 from trainer.models.init import Values, materialize
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -256,8 +256,7 @@ def load_hf(folder: str | Path, cfg: ModelConfig | None = None) -> nn.Module:
     """
     if cfg is None:
         cfg = model_config_from_hf(read_hf_config(Path(folder)))
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_on_meta(cfg)
     values = hf_values(folder, cfg, model)
     materialize(model, torch.device("cpu"), values, spec_of(cfg).tied(cfg))
     return model

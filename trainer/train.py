@@ -30,7 +30,7 @@ from data_prep.shards import read_manifest
 from trainer import distributed, resume
 from trainer import run_dir as run_files
 from trainer.checkpoint import Checkpointer, read_trainer_state
-from trainer.config import Config, ModelConfig, resolve_config, to_dict
+from trainer.config import Config, resolve_config, to_dict
 from trainer.data import BatchLoader, SampleSource, build_source, has_split, tokenizer_folder
 from trainer.errors import TrainingError
 from trainer.evals import hellaswag
@@ -40,8 +40,7 @@ from trainer.hf import hf_values
 from trainer.logger import MetricsLogger, log_line
 from trainer.metrics import BuildMemory, StepMeter, perplexity
 from trainer.mixture import MixtureSource
-from trainer.models import build_model as new_model
-from trainer.models import spec_of
+from trainer.models import build_on_meta, spec_of
 from trainer.models.init import Values, materialize, seeded_values
 from trainer.optim import build_optimizer, lr_at
 from trainer.parallel import Layout, ParallelModel, build_layout, parallelize
@@ -233,13 +232,6 @@ class TrainingParts:
                 source.close()
 
 
-def meta_model(cfg: ModelConfig) -> torch.nn.Module:
-    """The whole model of `model.arch` on the meta device: shapes only, no memory, no random
-    numbers drawn (trainer/models/init.py gives it storage and values)."""
-    with torch.device("meta"):
-        return new_model(cfg)
-
-
 def initial_values(cfg: Config, model: torch.nn.Module) -> Values:
     """Where a fresh run's weights come from: the Hugging Face folder of `model.init_from`,
     else the architecture's rule, each parameter seeded from (train.seed, its name)."""
@@ -253,7 +245,7 @@ def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     """The whole model of `model.arch` on `device`, initialised as every layout initialises
     its part of it (the reference the layouts' parts are slices of)."""
     torch.manual_seed(cfg.train.seed)  # the dropout RNG (the weights do not draw from it)
-    model = meta_model(cfg.model)
+    model = build_on_meta(cfg.model)
     materialize(model, device, initial_values(cfg, model), spec_of(cfg.model).tied(cfg.model))
     return model
 
@@ -271,7 +263,7 @@ def build_parallel_model(
     # FSDP2's CPU offload keeps the shards in (pinned) host memory
     home = torch.device("cpu") if cfg.parallel.fsdp_cpu_offload else device
     with BuildMemory(device) as memory:
-        model = meta_model(cfg.model)
+        model = build_on_meta(cfg.model)
         n_params = model.num_params()
         values = None if resuming else initial_values(cfg, model)
         tied = spec_of(cfg.model).tied(cfg.model)

@@ -13,7 +13,7 @@ import torch
 from data_prep.tokenizers import TOKENIZER_FILES, Tokenizer, get_tokenizer
 from trainer import checkpoint, resume
 from trainer.config import model_config
-from trainer.models import build_model, spec_of
+from trainer.models import build_on_meta, spec_of
 from trainer.models.init import materialize
 
 
@@ -27,8 +27,7 @@ def load_model(
     # The saved model section on today's defaults (a key added since is filled in). The
     # attention kernel is not part of the weights: the one this machine and precision can run.
     cfg = model_config(state["config"]["model"], dropout=0.0, attention="auto")
-    with torch.device("meta"):  # shapes only: the checkpoint fills every parameter
-        model = build_model(cfg)
+    model = build_on_meta(cfg)  # no initialisation: the checkpoint fills every parameter
     materialize(model, torch.device("cpu"), None, spec_of(cfg).tied(cfg))
     checkpoint.load(folder, model)
     return model.to(device).eval(), state

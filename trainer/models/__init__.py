@@ -6,6 +6,7 @@ line below, and its name in `trainer.config.ARCHS` (docs/models.md).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from trainer.config import ConfigError, ModelConfig
@@ -38,6 +39,13 @@ def spec_for_hf(model_type: str, where: str) -> ModelSpec:
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model of `cfg.arch`."""
     return spec_of(cfg).model_class(cfg)
+
+
+def build_on_meta(cfg: ModelConfig) -> nn.Module:
+    """The model of `cfg.arch` on the meta device: shapes only, no memory, no random numbers
+    drawn (trainer/models/init.py's `materialize` gives it storage and values)."""
+    with torch.device("meta"):
+        return build_model(cfg)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
